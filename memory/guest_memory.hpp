@@ -1,0 +1,102 @@
+// Guest memory: one host mapping split into named regions, with checked accessors.
+#pragma once
+
+#include <kiln/memory/address.hpp>
+#include <kiln/memory/host_mapping.hpp>
+#include <kiln/memory/memory_errc.hpp>
+#include <kiln/support/result.hpp>
+
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <span>
+#include <string>
+#include <type_traits>
+#include <vector>
+
+namespace kiln::memory {
+
+enum class region_kind {
+  boot_info,     // boot info page (+ command line, file table), read-only to the guest
+  system_tables, // GDT and TSS, read-only
+  page_tables,   // the identity page tables; not mapped in the guest's virtual view
+  ist_stack,     // exception-handler stack
+  io_in,         // host -> guest buffer
+  io_out,        // guest -> host buffer
+  image,         // one loadable ELF segment
+  heap,          // the guest-owned heap
+  stack,         // the guest stack (an unmapped guard page lies below it)
+};
+
+const char* to_string(region_kind k) noexcept;
+
+struct region {
+  std::string name; // e.g. "image.text", "heap"
+  region_kind kind;
+  guest_phys_addr start;
+  std::uint64_t size = 0; // page-aligned
+  protection prot = protection::none;
+  /// False for regions the guest must not reach through its page tables (the page tables
+  /// themselves). The backend still maps them so the CPU's page walker can read them.
+  bool guest_visible = true;
+
+  guest_phys_addr end() const { return start + size; }
+  bool contains(guest_phys_addr a) const { return a >= start && a < end(); }
+};
+
+/// All of one sandbox's guest memory: guest-physical [0, size()) backed by one host mapping,
+/// of which the regions are the parts the guest may use. Gaps between regions are never mapped
+/// into the guest (null page, guard pages).
+///
+/// Thread-safety: not synchronised; owned and used by one sandbox's thread.
+class guest_memory {
+public:
+  /// Reserves `size` bytes (page-aligned, at least 1 MiB) of zeroed memory with host guard pages.
+  static result<guest_memory> create(std::uint64_t size);
+
+  std::uint64_t size() const noexcept { return mapping_.size(); }
+
+  /// Adds a region; refuses overlap, misalignment and ranges outside guest memory.
+  result<void> add_region(region r);
+  const std::vector<region>& regions() const noexcept { return regions_; }
+  /// The region containing `a`, or nullptr.
+  const region* find(guest_phys_addr a) const noexcept;
+  const region* find(region_kind k) const noexcept;
+
+  /// Copies guest bytes [a, a+out.size()) into `out`. The range must lie inside one region.
+  result<void> read(guest_phys_addr a, std::span<std::byte> out) const;
+  /// Copies `in` into guest memory at `a`. The range must lie inside one region.
+  result<void> write(guest_phys_addr a, std::span<const std::byte> in);
+  /// Writes zeros over [a, a+len), inside one region.
+  result<void> zero(guest_phys_addr a, std::uint64_t len);
+
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  result<T> read_object(guest_phys_addr a) const {
+    T v;
+    KILN_TRY(read(a, std::as_writable_bytes(std::span<T, 1>(&v, 1))));
+    return v;
+  }
+  template <class T>
+    requires std::is_trivially_copyable_v<T>
+  result<void> write_object(guest_phys_addr a, const T& v) {
+    return write(a, std::as_bytes(std::span<const T, 1>(&v, 1)));
+  }
+
+  /// The host address of guest-physical `a` for handing a region to a hypervisor (KVM memslot,
+  /// Unicorn uc_mem_map_ptr). Only backends may use it, and only to map whole regions.
+  /// SAFETY: valid while this guest_memory lives; bounds are the caller's region's.
+  std::byte* host_address_for_mapping(guest_phys_addr a) const noexcept {
+    return mapping_.data() + a.value;
+  }
+
+private:
+  explicit guest_memory(host_mapping m) : mapping_(std::move(m)) {}
+  /// Checks that [a, a+len) lies inside one region; returns it.
+  result<const region*> check_range(guest_phys_addr a, std::uint64_t len) const;
+
+  host_mapping mapping_;
+  std::vector<region> regions_; // sorted by start
+};
+
+} // namespace kiln::memory

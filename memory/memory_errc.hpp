@@ -1,0 +1,53 @@
+// Errors of the memory layer: guest memory access, layout and ELF loading.
+#pragma once
+
+#include <kiln/support/error_category.hpp>
+
+namespace kiln::memory {
+
+enum class memory_errc {
+  out_of_bounds = 1,  // an access or range outside guest memory or outside one region
+  overlapping_region, // a region overlaps another
+  unaligned,          // an address or size that must be page-aligned is not
+  bad_size,           // a size of zero, too small or too large
+  layout_too_small,   // the requested sizes do not fit in the guest memory size
+  // ELF loading
+  elf_truncated,            // the file ends before a header, table or segment it declares
+  elf_bad_magic,            // not an ELF file
+  elf_not_x86_64,           // not a 64-bit little-endian x86-64 ELF
+  elf_not_static,           // not ET_EXEC, or asks for an interpreter or dynamic linking
+  elf_bad_segment,          // a loadable segment is malformed (filesz > memsz, bad alignment)
+  elf_segment_overlap,      // two loadable segments share a page
+  elf_segment_outside,      // a segment lies outside the image area of guest memory
+  elf_writable_executable,  // a segment asks to be both writable and executable
+  elf_entry_not_executable, // the entry point is not inside an executable segment
+  elf_too_large,            // file or header counts above kiln's caps
+};
+
+} // namespace kiln::memory
+
+template <> struct kiln::errc_traits<kiln::memory::memory_errc> {
+  static constexpr const char* name = "kiln.memory";
+  static const char* message(kiln::memory::memory_errc e) noexcept {
+    using enum kiln::memory::memory_errc;
+    switch (e) {
+    case out_of_bounds: return "guest memory access out of bounds";
+    case overlapping_region: return "overlapping memory region";
+    case unaligned: return "address or size not page-aligned";
+    case bad_size: return "bad size";
+    case layout_too_small: return "guest memory too small for the requested layout";
+    case elf_truncated: return "ELF file truncated";
+    case elf_bad_magic: return "not an ELF file";
+    case elf_not_x86_64: return "ELF file is not 64-bit little-endian x86-64";
+    case elf_not_static: return "ELF file is not a static executable";
+    case elf_bad_segment: return "malformed ELF segment";
+    case elf_segment_overlap: return "ELF segments overlap";
+    case elf_segment_outside: return "ELF segment outside the guest image area";
+    case elf_writable_executable: return "ELF segment is both writable and executable";
+    case elf_entry_not_executable: return "ELF entry point is not in an executable segment";
+    case elf_too_large: return "ELF file exceeds size limits";
+    }
+    return nullptr;
+  }
+};
+KILN_DECLARE_ERRC(kiln::memory, memory_errc)

@@ -1,0 +1,94 @@
+// The hypervisor seam: a vCPU (and its VM or engine) that maps guest memory and runs until an exit.
+#pragma once
+
+#include <kiln/memory/guest_memory.hpp>
+#include <kiln/support/result.hpp>
+#include <kiln/vcpu/exit.hpp>
+#include <kiln/vcpu/registers.hpp>
+
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <string_view>
+
+namespace kiln::vcpu {
+
+enum class backend_kind { kvm, emulated };
+
+/// What the caller asks for: a specific backend, or `automatic` (KVM when /dev/kvm is usable,
+/// else emulated; the environment variable KILN_BACKEND=kvm|emulated overrides automatic).
+enum class backend_choice { automatic, kvm, emulated };
+
+const char* to_string(backend_kind k) noexcept;
+result<backend_choice> parse_backend_choice(std::string_view name);
+
+struct backend_status {
+  backend_kind kind;
+  bool usable = false;
+  std::string reason; // why not usable, or a short description when usable
+};
+
+/// Probes one backend (opens /dev/kvm and checks its API; creates and drops a Unicorn engine).
+backend_status probe(backend_kind kind);
+
+/// Resolves `automatic` (honouring KILN_BACKEND) to a concrete, usable backend.
+result<backend_kind> resolve(backend_choice choice);
+
+/// Counters a backend keeps about its own work.
+struct vcpu_stats {
+  std::uint64_t runs = 0;          // run() calls
+  std::uint64_t exits = 0;         // exits returned
+  std::uint64_t kicks = 0;         // kick() calls
+  std::uint64_t map_calls = 0;     // memory mapping calls issued to the hypervisor or engine
+  std::uint64_t code_invalidations = 0;
+};
+
+/// One vCPU with its own VM (KVM) or engine (Unicorn). Owned by exactly one sandbox.
+///
+/// Thread-safety: everything but kick() must be called from one thread at a time, and run()
+/// should always be called from the same thread (KVM penalises migration). kick() may be called
+/// from any thread at any time, including a signal-safe context's neighbour thread.
+class vcpu {
+public:
+  virtual ~vcpu() = default;
+  vcpu(const vcpu&) = delete;
+  vcpu& operator=(const vcpu&) = delete;
+
+  virtual backend_kind kind() const noexcept = 0;
+
+  /// ABI feature bits this backend gives the guest (KILN_FEATURE_NX, KILN_FEATURE_EMULATED).
+  virtual std::uint64_t abi_features() const noexcept = 0;
+
+  /// Makes every region of `mem` accessible to the guest with the region's protection (regions
+  /// whose protection is `none` stay unmapped). `mem` must outlive the vCPU.
+  virtual result<void> map_memory(const memory::guest_memory& mem) = 0;
+
+  virtual result<registers> get_registers() = 0;
+  virtual result<void> set_registers(const registers& r) = 0;
+  virtual result<special_registers> get_special_registers() = 0;
+  virtual result<void> set_special_registers(const special_registers& s) = 0;
+  virtual result<fpu_state> get_fpu() = 0;
+  virtual result<void> set_fpu(const fpu_state& f) = 0;
+
+  /// Runs the guest until it exits; decodes the exit once. Resuming after an io_out exit
+  /// continues after the `out` instruction.
+  virtual exit run() = 0;
+
+  /// Makes the current run() return exits::cancelled promptly, or the next one if none is
+  /// running. Thread-safe.
+  virtual void kick() noexcept = 0;
+
+  /// Tells the backend that the host rewrote guest memory in [gpa, gpa+size) (restore, loader),
+  /// so translated code over it must be dropped. A no-op on hardware backends.
+  virtual void invalidate_code(memory::guest_phys_addr gpa, std::uint64_t size) = 0;
+
+  virtual vcpu_stats stats() const noexcept = 0;
+
+protected:
+  vcpu() = default;
+};
+
+/// Creates a vCPU of a concrete backend.
+result<std::unique_ptr<vcpu>> create(backend_kind kind);
+
+} // namespace kiln::vcpu
