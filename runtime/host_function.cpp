@@ -1,0 +1,65 @@
+// host_functions: registration and the noexcept trampoline that checks and calls them.
+#include <kiln/runtime/host_function.hpp>
+
+#include <exception>
+
+namespace kiln {
+
+host_functions& host_functions::add_raw(host_function fn) {
+  auto name = fn.name;
+  functions_.insert_or_assign(std::move(name), std::move(fn));
+  return *this;
+}
+
+const host_function* host_functions::find(std::string_view name) const {
+  auto it = functions_.find(name);
+  return it == functions_.end() ? nullptr : &it->second;
+}
+
+host_call_outcome host_functions::invoke(std::string_view name, std::span<const value> args) const noexcept {
+  host_call_outcome out;
+  try {
+    const host_function* fn = find(name);
+    if (!fn) {
+      out.status = KILN_STATUS_NOT_FOUND;
+      out.message = "no host function named '" + std::string(name) + "'";
+      return out;
+    }
+    if (args.size() != fn->params.size()) {
+      out.status = KILN_STATUS_ARG_COUNT;
+      out.message = fn->name + " takes " + std::to_string(fn->params.size()) + " arguments, got " +
+                    std::to_string(args.size());
+      return out;
+    }
+    for (std::size_t i = 0; i < args.size(); ++i) {
+      if (type_of(args[i]) != fn->params[i]) {
+        out.status = KILN_STATUS_ARG_TYPE;
+        out.message = fn->name + " argument " + std::to_string(i) + " must be " +
+                      type_name(fn->params[i]) + ", got " + type_name(type_of(args[i]));
+        return out;
+      }
+    }
+    auto r = fn->body(args);
+    if (!r) {
+      out.status = KILN_STATUS_FAILED;
+      out.message = r.err().message();
+      return out;
+    }
+    out.result = std::move(r).value();
+    if (type_of(out.result) != fn->returns) {
+      out.status = KILN_STATUS_HOST_ERROR;
+      out.message = fn->name + " returned the wrong type";
+    }
+    return out;
+  } catch (const std::exception& e) {
+    out.status = KILN_STATUS_HOST_ERROR;
+    out.message = std::string("host function threw: ") + e.what();
+  } catch (...) {
+    out.status = KILN_STATUS_HOST_ERROR;
+    out.message = "host function threw a non-standard exception";
+  }
+  out.result = value{};
+  return out;
+}
+
+} // namespace kiln

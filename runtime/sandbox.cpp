@@ -1,0 +1,412 @@
+// sandbox: builds guest memory and a vCPU, then runs the hypercall loop of each call.
+#include <kiln/guest/abi.h>
+#include <kiln/memory/elf_loader.hpp>
+#include <kiln/memory/guest_memory.hpp>
+#include <kiln/memory/x86_64/page_tables.hpp>
+#include <kiln/memory/x86_64/system_tables.hpp>
+#include <kiln/runtime/sandbox.hpp>
+#include <kiln/runtime/wire.hpp>
+#include <kiln/vcpu/x86_64/long_mode.hpp>
+
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <cstring>
+#include <vector>
+
+namespace kiln {
+
+using memory::guest_phys_addr;
+namespace fixed = memory::fixed;
+
+bool poisons(errc e) noexcept {
+  switch (e) {
+  case errc::guest_fault:
+  case errc::stack_overflow:
+  case errc::memory_violation:
+  case errc::guest_aborted:
+  case errc::invalid_port:
+  case errc::malformed_message:
+  case errc::guest_halted:
+  case errc::unexpected_exit:
+  case errc::cancelled:
+  case errc::deadline_exceeded:
+  case errc::backend_failure:
+  case errc::not_ready:
+    return true;
+  case errc::poisoned:
+  case errc::function_not_found:
+  case errc::bad_arguments:
+  case errc::guest_error:
+  case errc::result_too_large:
+    return false;
+  }
+  return true;
+}
+
+namespace {
+
+constexpr std::uint64_t abort_message_cap = 4096;
+
+const char* vector_name(std::uint64_t v) {
+  static const char* const names[] = {"#DE", "#DB", "NMI", "#BP", "#OF", "#BR", "#UD", "#NM",
+                                      "#DF", "CSO", "#TS", "#NP", "#SS", "#GP", "#PF", "(15)",
+                                      "#MF", "#AC", "#MC", "#XM", "#VE", "#CP"};
+  return v < sizeof names / sizeof names[0] ? names[v] : "(unknown)";
+}
+
+const char* access_name(vcpu::access_kind a) {
+  switch (a) {
+  case vcpu::access_kind::read: return "read";
+  case vcpu::access_kind::write: return "write";
+  case vcpu::access_kind::execute: return "execute";
+  }
+  return "?";
+}
+
+// What a hypercall or exit means for the call in progress.
+struct step {
+  enum kind_t { resume, done, fail } kind = resume;
+  value result;
+  error err;
+  static step resume_guest() { return {}; }
+  static step finished(value v) { return {done, std::move(v), {}}; }
+  static step failed(error e) { return {fail, {}, std::move(e)}; }
+};
+
+} // namespace
+
+struct sandbox::impl {
+  sandbox_config config;
+  host_functions functions;
+  memory::guest_memory mem;
+  memory::layout layout;
+  std::unique_ptr<vcpu::vcpu> cpu;
+  error poison;
+  bool is_poisoned = false;
+  bool ready = false;
+  sandbox_stats stats;
+  std::uint64_t log_budget = 0;
+  std::vector<std::byte> scratch; // copy of out_buf for parsing; sized once
+
+  impl(sandbox_config c, host_functions f, memory::guest_memory m)
+      : config(std::move(c)), functions(std::move(f)), mem(std::move(m)) {}
+
+  result<void> build(const memory::elf_image& image);
+  result<value> run_until(bool init);
+  step on_exit(const vcpu::exit& e, bool init);
+  step on_hypercall(const vcpu::exits::io_out& io, bool init);
+  step host_call(std::uint32_t len);
+  step on_log(std::uint32_t len);
+  step on_abort(std::uint32_t code);
+  step on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip, std::uint64_t cr2);
+  result<std::span<const std::byte>> copy_out(std::uint32_t len);
+  result<void> write_in(std::span<const std::byte> bytes);
+
+  void emit_log(std::string_view line) {
+    ++stats.log_lines;
+    if (config.log_sink) config.log_sink(line);
+    else std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
+  }
+};
+
+result<void> sandbox::impl::build(const memory::elf_image& image) {
+  using memory::region;
+  using memory::region_kind;
+  KILN_TRY(mem.add_region(region{"boot_info", region_kind::boot_info, fixed::boot_info,
+                                 fixed::boot_info_size, memory::prot_r, true}));
+  KILN_TRY(mem.add_region(region{"system_tables", region_kind::system_tables, fixed::system_tables,
+                                 fixed::system_tables_size, memory::prot_r, true}));
+  KILN_TRY(mem.add_region(region{"ist_stack", region_kind::ist_stack, fixed::ist_stack,
+                                 fixed::ist_stack_size, memory::prot_rw, true}));
+  KILN_TRY(mem.add_region(region{"io_in", region_kind::io_in, fixed::io_in, fixed::io_buffer_size,
+                                 memory::prot_rw, true}));
+  KILN_TRY(mem.add_region(region{"io_out", region_kind::io_out, fixed::io_out,
+                                 fixed::io_buffer_size, memory::prot_rw, true}));
+  KILN_TRY(memory::load_elf(image, mem));
+  KILN_TRY(mem.add_region(region{"heap", region_kind::heap, layout.heap_start, layout.heap_size,
+                                 memory::prot_rw, true}));
+  KILN_TRY(mem.add_region(region{"stack", region_kind::stack, layout.stack_bottom,
+                                 config.stack_size, memory::prot_rw, true}));
+
+  // System tables (GDT, TSS with the exception stack) and boot info.
+  const auto sys = memory::x86_64::build_system_tables(fixed::system_tables,
+                                                        fixed::ist_stack.value + fixed::ist_stack_size);
+  KILN_TRY(mem.write(fixed::system_tables, sys.page));
+
+  kiln_boot_info bi{};
+  bi.magic = KILN_ABI_MAGIC;
+  bi.abi_major = KILN_ABI_VERSION_MAJOR;
+  bi.abi_minor = KILN_ABI_VERSION_MINOR;
+  bi.features = cpu->abi_features() | KILN_FEATURE_FILE_TABLE;
+  bi.memory_size = layout.memory_size;
+  bi.heap_start = layout.heap_start.value;
+  bi.heap_size = layout.heap_size;
+  bi.stack_bottom = layout.stack_bottom.value;
+  bi.stack_top = layout.stack_top.value;
+  bi.ist_stack_top = fixed::ist_stack.value + fixed::ist_stack_size;
+  bi.in_buf = fixed::io_in.value;
+  bi.in_buf_size = fixed::io_buffer_size;
+  bi.out_buf = fixed::io_out.value;
+  bi.out_buf_size = fixed::io_buffer_size;
+  bi.files = fixed::boot_info.value + fixed::file_table_offset;
+  bi.file_count = 0;
+  if (config.cmdline.size() >= fixed::cmdline_max)
+    return error(memory::memory_errc::bad_size, "command line longer than 1023 bytes");
+  bi.cmdline = fixed::boot_info.value + fixed::cmdline_offset;
+  bi.cmdline_len = config.cmdline.size();
+  KILN_TRY(mem.write_object(fixed::boot_info, bi));
+  KILN_TRY(mem.write(guest_phys_addr{bi.cmdline}, std::as_bytes(std::span(config.cmdline))));
+
+  // Page tables last: they map every region added above.
+  const bool nx = (cpu->abi_features() & KILN_FEATURE_NX) != 0;
+  KILN_TRY_ASSIGN(auto tables, memory::x86_64::build_identity_page_tables(
+                                   mem, fixed::page_tables, fixed::page_tables_max, nx));
+  KILN_TRY(mem.add_region(region{"page_tables", region_kind::page_tables, fixed::page_tables,
+                                 memory::align_up(tables.bytes(), memory::page_size), memory::prot_r,
+                                 false}));
+  KILN_TRY(mem.write(fixed::page_tables, std::as_bytes(std::span(tables.entries))));
+
+  KILN_TRY(cpu->map_memory(mem));
+  KILN_TRY(cpu->set_special_registers(vcpu::x86_64::long_mode_state({
+      .cr3 = tables.root.value,
+      .gdt_base = sys.gdt_base.value,
+      .gdt_limit = sys.gdt_limit,
+      .tss_base = sys.tss_base.value,
+      .tss_limit = sys.tss_limit,
+      .nx = nx,
+  })));
+  vcpu::registers regs;
+  regs.rip = image.entry.value;
+  regs.rsp = layout.stack_top.value;
+  regs.rdi = fixed::boot_info.value;
+  regs.rflags = 0x2;
+  KILN_TRY(cpu->set_registers(regs));
+  KILN_TRY(cpu->set_fpu(vcpu::fpu_state{}));
+  scratch.resize(fixed::io_buffer_size);
+  return {};
+}
+
+result<std::span<const std::byte>> sandbox::impl::copy_out(std::uint32_t len) {
+  // The length comes from the guest: check it against the buffer before touching anything.
+  if (len > fixed::io_buffer_size)
+    return error(errc::malformed_message,
+                 fmt::format("record length {:#x} exceeds the {} byte buffer", len, fixed::io_buffer_size));
+  auto dst = std::span<std::byte>(scratch).first(len);
+  KILN_TRY(mem.read(fixed::io_out, dst)); // one copy; only the copy is parsed
+  return std::span<const std::byte>(dst);
+}
+
+result<void> sandbox::impl::write_in(std::span<const std::byte> bytes) {
+  return mem.write(fixed::io_in, bytes);
+}
+
+step sandbox::impl::on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip,
+                                 std::uint64_t cr2) {
+  // A page fault in the guard page below the stack is a stack overflow, named as such.
+  if (vector == 14 && cr2 >= layout.stack_guard.value && cr2 < layout.stack_bottom.value)
+    return step::failed(error(errc::stack_overflow, fmt::format("at rip {:#x}, cr2 {:#x}", rip, cr2)));
+  std::string detail = fmt::format("vector {} {} at rip {:#x}", vector, vector_name(vector), rip);
+  if (vector == 14) detail += fmt::format(", address {:#x}", cr2);
+  if (error_code) detail += fmt::format(", error code {:#x}", error_code);
+  return step::failed(error(errc::guest_fault, std::move(detail)));
+}
+
+step sandbox::impl::on_log(std::uint32_t len) {
+  auto bytes = copy_out(len);
+  if (!bytes) return step::failed(std::move(bytes).err());
+  std::string_view line(reinterpret_cast<const char*>(bytes->data()), bytes->size());
+  if (line.size() > log_budget) {
+    stats.log_bytes_dropped += line.size() - log_budget;
+    line = line.substr(0, log_budget);
+  }
+  log_budget -= line.size();
+  if (!line.empty()) emit_log(line);
+  return step::resume_guest();
+}
+
+step sandbox::impl::on_abort(std::uint32_t code) {
+  kiln_abort_record rec{};
+  if (auto r = mem.read(fixed::io_out, std::as_writable_bytes(std::span(&rec, 1))); !r)
+    return step::failed(std::move(r).err());
+  // Truncate to the cap and the buffer; a lying length costs nothing.
+  std::uint64_t len = std::min<std::uint64_t>(rec.message_len, abort_message_cap);
+  len = std::min<std::uint64_t>(len, fixed::io_buffer_size - sizeof rec);
+  std::string msg(len, '\0');
+  if (auto r = mem.read(fixed::io_out + sizeof rec, std::as_writable_bytes(std::span(msg))); !r)
+    return step::failed(std::move(r).err());
+  const bool truncated = rec.message_len > len;
+  return step::failed(error(errc::guest_aborted,
+                            fmt::format("code {}: {}{}", code, msg, truncated ? " [truncated]" : "")));
+}
+
+step sandbox::impl::host_call(std::uint32_t len) {
+  auto bytes = copy_out(len);
+  if (!bytes) return step::failed(std::move(bytes).err());
+  auto msg = wire::decode(*bytes, KILN_MSG_HOST_CALL);
+  if (!msg) return step::failed(std::move(msg).err());
+  ++stats.host_calls;
+  auto outcome = functions.invoke(msg->name, msg->values);
+  std::vector<std::byte>& out = scratch; // reuse: the request copy is no longer needed
+  auto n = outcome.status == KILN_STATUS_OK
+               ? wire::encode_result(out, KILN_MSG_HOST_RESULT, outcome.result)
+               : wire::encode_error(out, KILN_MSG_HOST_RESULT, outcome.status, outcome.message);
+  if (!n) // the host's result does not fit: tell the guest, which can carry on
+    n = wire::encode_error(out, KILN_MSG_HOST_RESULT, KILN_STATUS_TOO_LARGE,
+                           "host function result does not fit the I/O buffer");
+  if (!n) return step::failed(std::move(n).err());
+  if (auto w = write_in(std::span(out).first(*n)); !w) return step::failed(std::move(w).err());
+  return step::resume_guest();
+}
+
+step sandbox::impl::on_hypercall(const vcpu::exits::io_out& io, bool init) {
+  if (io.port < KILN_PORT_FIRST || io.port > KILN_PORT_LAST)
+    return step::failed(error(errc::invalid_port, fmt::format("out to unknown port {:#x}", io.port)));
+  if (io.size != 4)
+    return step::failed(error(errc::invalid_port,
+                              fmt::format("{}-byte out to port {:#x} (hypercalls are 4 bytes)", io.size, io.port)));
+  switch (static_cast<kiln_port>(io.port)) {
+  case KILN_PORT_READY:
+    if (!init) return step::failed(error(errc::malformed_message, "ready signalled during a call"));
+    return step::finished(value{});
+  case KILN_PORT_RETURN: {
+    if (init) return step::failed(error(errc::malformed_message, "return hypercall during init"));
+    auto bytes = copy_out(io.value);
+    if (!bytes) return step::failed(std::move(bytes).err());
+    auto msg = wire::decode(*bytes, KILN_MSG_RESULT);
+    if (!msg) return step::failed(std::move(msg).err());
+    switch (msg->status) {
+    case KILN_STATUS_OK: return step::finished(std::move(msg->values.front()));
+    case KILN_STATUS_NOT_FOUND: return step::failed(error(errc::function_not_found, msg->error_message));
+    case KILN_STATUS_ARG_COUNT:
+    case KILN_STATUS_ARG_TYPE: return step::failed(error(errc::bad_arguments, msg->error_message));
+    case KILN_STATUS_TOO_LARGE: return step::failed(error(errc::result_too_large, msg->error_message));
+    case KILN_STATUS_FAILED:
+    case KILN_STATUS_MALFORMED:
+    case KILN_STATUS_HOST_ERROR: return step::failed(error(errc::guest_error, msg->error_message));
+    }
+    return step::failed(error(errc::malformed_message, "unknown status"));
+  }
+  case KILN_PORT_HOST_CALL: return host_call(io.value);
+  case KILN_PORT_LOG: return on_log(io.value);
+  case KILN_PORT_ABORT: return on_abort(io.value);
+  case KILN_PORT_EXCEPTION: {
+    auto rec = mem.read_object<kiln_exception_record>(fixed::io_out);
+    if (!rec) return step::failed(std::move(rec).err());
+    return on_exception(rec->vector, rec->error_code, rec->rip, rec->cr2);
+  }
+  }
+  return step::failed(error(errc::invalid_port, fmt::format("port {:#x}", io.port)));
+}
+
+step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
+  using namespace vcpu::exits;
+  struct visitor {
+    impl& self;
+    bool init;
+    step operator()(const io_out& io) const {
+      ++self.stats.exits_io;
+      return self.on_hypercall(io, init);
+    }
+    step operator()(const io_in& io) const {
+      return step::failed(error(errc::invalid_port, fmt::format("in from port {:#x}", io.port)));
+    }
+    step operator()(const halt& h) const {
+      return step::failed(error(errc::guest_halted, fmt::format("hlt at rip {:#x}", h.rip)));
+    }
+    step operator()(const mmio& m) const {
+      return step::failed(error(errc::memory_violation,
+                                fmt::format("{} of unbacked guest-physical {:#x}", m.write ? "write" : "read", m.gpa)));
+    }
+    step operator()(const exception& x) const { return self.on_exception(x.vector, x.error_code, x.rip, x.cr2); }
+    step operator()(const memory_fault& f) const {
+      if (f.address >= self.layout.stack_guard.value && f.address < self.layout.stack_bottom.value)
+        return step::failed(error(errc::stack_overflow, fmt::format("at rip {:#x}, address {:#x}", f.rip, f.address)));
+      return step::failed(error(errc::memory_violation,
+                                fmt::format("{} {} address {:#x} at rip {:#x}", access_name(f.access),
+                                            f.unmapped ? "of unmapped" : "forbidden at", f.address, f.rip)));
+    }
+    step operator()(const shutdown& s) const {
+      return step::failed(error(errc::guest_halted, fmt::format("triple fault (shutdown) near rip {:#x}", s.rip)));
+    }
+    step operator()(const fail_entry& f) const {
+      return step::failed(error(errc::unexpected_exit, fmt::format("VM entry failed, reason {:#x}", f.reason)));
+    }
+    step operator()(const cancelled&) const { return step::failed(error(errc::cancelled)); }
+    step operator()(const internal_error& i) const {
+      return step::failed(error(errc::unexpected_exit, fmt::format("{} at rip {:#x}", i.what, i.rip)));
+    }
+  };
+  ++stats.exits;
+  if (!std::holds_alternative<io_out>(e)) ++stats.exits_other;
+  return std::visit(visitor{*this, init}, e);
+}
+
+result<value> sandbox::impl::run_until(bool init) {
+  log_budget = config.log_budget_per_call;
+  for (;;) {
+    const vcpu::exit e = cpu->run();
+    step s = on_exit(e, init);
+    switch (s.kind) {
+    case step::resume: continue;
+    case step::done: return std::move(s.result);
+    case step::fail: {
+      const auto* code = s.err.code.category() == category_of<errc>() ? &s.err.code : nullptr;
+      if (!code || poisons(static_cast<errc>(code->value()))) {
+        is_poisoned = true;
+        poison = s.err;
+      }
+      return std::move(s.err);
+    }
+    }
+  }
+}
+
+sandbox::sandbox(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
+sandbox::~sandbox() = default;
+
+result<std::unique_ptr<sandbox>> sandbox::create(const sandbox_config& config, host_functions functions) {
+  const auto t0 = std::chrono::steady_clock::now();
+  KILN_TRY_ASSIGN(auto kind, vcpu::resolve(config.backend));
+  memory::layout_config lc{config.memory_size, config.heap_size, config.stack_size};
+  if (config.memory_size < fixed::min_memory || config.stack_size >= config.memory_size)
+    return error(memory::memory_errc::bad_size, "memory size must be at least 4 MiB and above the stack size");
+  const guest_phys_addr image_limit{config.memory_size - config.stack_size - memory::page_size};
+  KILN_TRY_ASSIGN(auto image, memory::read_elf_file(config.guest_path, fixed::image_base, image_limit));
+  KILN_TRY_ASSIGN(auto layout, memory::plan_layout(lc, image.end));
+  KILN_TRY_ASSIGN(auto mem, memory::guest_memory::create(config.memory_size));
+  auto p = std::make_unique<impl>(config, std::move(functions), std::move(mem));
+  p->layout = layout;
+  KILN_TRY_ASSIGN(p->cpu, vcpu::create(kind));
+  KILN_TRY(p->build(image));
+  if (auto r = p->run_until(/*init=*/true); !r)
+    return error(r.err().code, "during guest init: " + r.err().detail);
+  p->ready = true;
+  p->stats.create_time = std::chrono::steady_clock::now() - t0;
+  return std::unique_ptr<sandbox>(new sandbox(std::move(p)));
+}
+
+result<value> sandbox::call(std::string_view name, std::span<const value> args) {
+  impl& s = *impl_;
+  if (s.is_poisoned) return error(errc::poisoned, s.poison.message());
+  const auto t0 = std::chrono::steady_clock::now();
+  KILN_TRY_ASSIGN(auto n, wire::encode_call(s.scratch, KILN_MSG_CALL, name, args));
+  KILN_TRY(s.write_in(std::span(s.scratch).first(n)));
+  ++s.stats.calls;
+  auto r = s.run_until(/*init=*/false);
+  s.stats.last_call_time = std::chrono::steady_clock::now() - t0;
+  return r;
+}
+
+void sandbox::kick() noexcept { impl_->cpu->kick(); }
+bool sandbox::poisoned() const noexcept { return impl_->is_poisoned; }
+const error& sandbox::poison_reason() const noexcept { return impl_->poison; }
+vcpu::backend_kind sandbox::backend() const noexcept { return impl_->cpu->kind(); }
+
+sandbox_stats sandbox::stats() const noexcept {
+  sandbox_stats s = impl_->stats;
+  s.vcpu = impl_->cpu->stats();
+  return s;
+}
+
+} // namespace kiln

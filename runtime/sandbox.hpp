@@ -1,0 +1,97 @@
+// kiln::sandbox: one guest in its own micro-VM; call its functions, let it call host functions.
+#pragma once
+
+#include <kiln/memory/layout.hpp>
+#include <kiln/runtime/errc.hpp>
+#include <kiln/runtime/host_function.hpp>
+#include <kiln/runtime/value.hpp>
+#include <kiln/support/result.hpp>
+#include <kiln/vcpu/vcpu.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <functional>
+#include <memory>
+#include <span>
+#include <string>
+#include <string_view>
+#include <type_traits>
+
+namespace kiln {
+
+/// Plain configuration of a sandbox.
+struct sandbox_config {
+  std::string guest_path;                 // the guest ELF
+  std::uint64_t memory_size = 16ull << 20; // multiple of 2 MiB, 4 MiB..64 GiB
+  std::uint64_t heap_size = 0;            // 0: all memory between image and stack
+  std::uint64_t stack_size = 256ull << 10;
+  vcpu::backend_choice backend = vcpu::backend_choice::automatic;
+  std::string cmdline;                    // given to the guest through boot info
+  /// Receives the guest's log lines. Default: written to stderr as "[guest] ...".
+  std::function<void(std::string_view)> log_sink;
+  /// Bytes of guest log accepted per call (and during init); the rest is dropped and counted.
+  std::uint64_t log_budget_per_call = 64ull << 10;
+};
+
+/// What a sandbox counted about itself.
+struct sandbox_stats {
+  std::chrono::nanoseconds create_time{};   // create(): memory, load, vCPU, guest init
+  std::chrono::nanoseconds last_call_time{};
+  std::uint64_t calls = 0;
+  std::uint64_t host_calls = 0;
+  std::uint64_t exits = 0;
+  std::uint64_t exits_io = 0;      // hypercalls (port I/O)
+  std::uint64_t exits_other = 0;   // faults, halts, cancellations...
+  std::uint64_t log_lines = 0;
+  std::uint64_t log_bytes_dropped = 0;
+  vcpu::vcpu_stats vcpu;
+};
+
+/// A guest running in its own VM (KVM) or engine (emulated).
+///
+/// Lifecycle: create() loads the guest and runs its init until it signals ready; call() runs one
+/// guest function to completion. A guest-caused failure (fault, abort, protocol violation,
+/// cancellation) poisons the sandbox: later calls fail with errc::poisoned and
+/// poison_reason() says why. Bad guest behaviour never takes the host process down.
+///
+/// Thread-safety: none; use a sandbox from one thread at a time (the async runtime binds each
+/// sandbox to one worker thread). kick() is the exception: any thread may call it.
+class sandbox {
+public:
+  ~sandbox();
+  sandbox(const sandbox&) = delete;
+  sandbox& operator=(const sandbox&) = delete;
+
+  static result<std::unique_ptr<sandbox>> create(const sandbox_config& config,
+                                                 host_functions functions = {});
+
+  /// Calls guest function `name` with `args`; returns its result. Errors: function_not_found,
+  /// bad_arguments, guest_error, result_too_large (the sandbox stays usable); any poisoning
+  /// error (see errc.hpp); poisoned if an earlier call poisoned it.
+  result<value> call(std::string_view name, std::span<const value> args);
+
+  /// Convenience: call("add", 2, 3) or call("concat", std::string("a"), std::string("b")).
+  template <class... A>
+    requires(std::is_constructible_v<value, A> && ...)
+  result<value> call(std::string_view name, A&&... args) {
+    const value a[] = {value{std::forward<A>(args)}..., value{}};
+    return call(name, std::span<const value>(a, sizeof...(A)));
+  }
+
+  /// Makes a running call return errc::cancelled promptly (and poison the sandbox). Any thread.
+  void kick() noexcept;
+
+  bool poisoned() const noexcept;
+  /// Why the sandbox is poisoned (empty error if it is not).
+  const error& poison_reason() const noexcept;
+
+  vcpu::backend_kind backend() const noexcept;
+  sandbox_stats stats() const noexcept;
+
+private:
+  struct impl;
+  explicit sandbox(std::unique_ptr<impl> p);
+  std::unique_ptr<impl> impl_;
+};
+
+} // namespace kiln

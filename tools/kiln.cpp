@@ -1,0 +1,133 @@
+// The `kiln` command-line tool: list backends, run a guest function.
+#include <kiln/runtime/sandbox.hpp>
+
+#include <CLI/CLI.hpp>
+#include <fmt/format.h>
+
+#include <cstdio>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace {
+
+// "16M", "64MiB", "1G", "4096" -> bytes.
+std::optional<std::uint64_t> parse_size(std::string s) {
+  std::uint64_t mult = 1;
+  while (!s.empty() && (s.back() == 'B' || s.back() == 'i' || s.back() == 'b')) s.pop_back();
+  if (!s.empty()) {
+    switch (s.back()) {
+    case 'k': case 'K': mult = 1ull << 10; s.pop_back(); break;
+    case 'm': case 'M': mult = 1ull << 20; s.pop_back(); break;
+    case 'g': case 'G': mult = 1ull << 30; s.pop_back(); break;
+    default: break;
+    }
+  }
+  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
+  try {
+    const std::uint64_t v = std::stoull(s);
+    if (v > (~0ull) / mult) return std::nullopt;
+    return v * mult;
+  } catch (...) {
+    return std::nullopt;
+  }
+}
+
+int cmd_backends() {
+  for (auto k : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
+    const auto st = kiln::vcpu::probe(k);
+    fmt::print("{:<9} {:<10} {}\n", kiln::vcpu::to_string(k), st.usable ? "usable" : "unusable", st.reason);
+  }
+  auto chosen = kiln::vcpu::resolve(kiln::vcpu::backend_choice::automatic);
+  if (chosen) fmt::print("auto      -> {}\n", kiln::vcpu::to_string(*chosen));
+  else fmt::print("auto      -> none: {}\n", chosen.err().message());
+  return 0;
+}
+
+struct run_options {
+  std::string guest;
+  std::string function;
+  std::vector<std::string> args;
+  std::string backend = "auto";
+  std::string memory = "16M";
+  std::string stack = "256K";
+  bool stats = false;
+};
+
+int cmd_run(const run_options& o) {
+  kiln::sandbox_config cfg;
+  cfg.guest_path = o.guest;
+  auto backend = kiln::vcpu::parse_backend_choice(o.backend);
+  if (!backend) {
+    fmt::print(stderr, "kiln: {}\n", backend.err().message());
+    return 2;
+  }
+  cfg.backend = *backend;
+  auto mem = parse_size(o.memory), stack = parse_size(o.stack);
+  if (!mem || !stack) {
+    fmt::print(stderr, "kiln: bad size '{}' (use e.g. 16M, 1G)\n", !mem ? o.memory : o.stack);
+    return 2;
+  }
+  cfg.memory_size = *mem;
+  cfg.stack_size = *stack;
+  std::vector<kiln::value> args;
+  for (const auto& a : o.args) {
+    auto v = kiln::parse_value(a);
+    if (!v) {
+      fmt::print(stderr, "kiln: bad argument {}\n", v.err().message());
+      return 2;
+    }
+    args.push_back(std::move(*v));
+  }
+  // Host functions every CLI run offers, so guests that call the host can be tried from here.
+  kiln::host_functions host;
+  host.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
+  host.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
+  host.add("host_print", [](std::string s) { fmt::print("{}\n", s); });
+
+  auto sb = kiln::sandbox::create(cfg, std::move(host));
+  if (!sb) {
+    fmt::print(stderr, "kiln: cannot create sandbox: {}\n", sb.err().message());
+    return 1;
+  }
+  auto r = (*sb)->call(o.function, args);
+  const int rc = r ? 0 : 1;
+  if (r) fmt::print("{}\n", kiln::to_string(*r));
+  else fmt::print(stderr, "kiln: {} failed: {}\n", o.function, r.err().message());
+  if (o.stats) {
+    const auto s = (*sb)->stats();
+    fmt::print(stderr,
+               "backend: {}\ncreate: {:.1f} us\ncall: {:.1f} us\nexits: {} ({} hypercalls, {} other)\n"
+               "host calls: {}\nvcpu runs: {}, memory map calls: {}\n",
+               kiln::vcpu::to_string((*sb)->backend()), s.create_time.count() / 1e3,
+               s.last_call_time.count() / 1e3, s.exits, s.exits_io, s.exits_other, s.host_calls,
+               s.vcpu.runs, s.vcpu.map_calls);
+  }
+  return rc;
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  CLI::App app{"kiln: micro-VM sandboxes for untrusted code"};
+  app.require_subcommand(1);
+  auto* backends = app.add_subcommand("backends", "List the vCPU backends and whether each is usable here");
+  run_options ro;
+  auto* run = app.add_subcommand("run", "Run one function of a guest and print its result");
+  run->add_option("guest", ro.guest, "Guest ELF file")->required()->check(CLI::ExistingFile);
+  run->add_option("function", ro.function, "Guest function name")->required();
+  run->add_option("args", ro.args,
+                  "Arguments: 5 (i32), 5:i64, 5:u64, 2.5 (f64), true, str:text, hex:0a0b");
+  run->add_option("--backend", ro.backend, "auto, kvm or emulated (default auto; KILN_BACKEND too)");
+  run->add_option("--memory", ro.memory, "Guest memory size (default 16M)");
+  run->add_option("--stack", ro.stack, "Guest stack size (default 256K)");
+  run->add_flag("--stats", ro.stats, "Print create time, call time and exits to stderr");
+  try {
+    app.parse(argc, argv);
+  } catch (const CLI::ParseError& e) {
+    return app.exit(e);
+  }
+  if (*backends) return cmd_backends();
+  if (*run) return cmd_run(ro);
+  return 2;
+}
