@@ -1,0 +1,85 @@
+// End to end: sandbox creation succeeds for good input and fails cleanly for bad input.
+#include "backend_fixture.hpp"
+
+#include <fstream>
+
+namespace kiln::test {
+namespace {
+
+class create : public backend_test {};
+
+TEST_F(create, reports_backend_and_time) {
+  auto sb = make("calc");
+  ASSERT_NE(sb, nullptr);
+  EXPECT_EQ(sb->backend(), backend_under_test());
+  EXPECT_GT(sb->stats().create_time.count(), 0);
+  EXPECT_FALSE(sb->poisoned());
+}
+
+TEST_F(create, missing_file) {
+  auto c = config_for("does_not_exist");
+  auto sb = sandbox::create(c);
+  ASSERT_FALSE(sb);
+  EXPECT_EQ(sb.code(), std::errc::no_such_file_or_directory);
+}
+
+TEST_F(create, not_an_elf) {
+  const std::string path = ::testing::TempDir() + "/kiln_not_elf";
+  std::ofstream(path) << "#!/bin/sh\necho not a guest\n";
+  auto c = config_for("calc");
+  c.guest_path = path;
+  auto sb = sandbox::create(c);
+  ASSERT_FALSE(sb);
+  EXPECT_EQ(sb.code(), memory::memory_errc::elf_bad_magic);
+}
+
+TEST_F(create, host_executable_is_refused) {
+  auto c = config_for("calc");
+  c.guest_path = "/bin/true"; // dynamic, PIE: not a kiln guest
+  auto sb = sandbox::create(c);
+  ASSERT_FALSE(sb);
+  EXPECT_EQ(sb.code().category(), memory::make_error_code(memory::memory_errc::elf_not_static).category());
+}
+
+TEST_F(create, bad_sizes) {
+  auto c = config_for("calc");
+  c.memory_size = 1 << 20;
+  EXPECT_FALSE(sandbox::create(c));
+  c = config_for("calc");
+  c.memory_size = (16 << 20) + 4096; // not a multiple of 2 MiB
+  EXPECT_FALSE(sandbox::create(c));
+  c = config_for("calc");
+  c.stack_size = 100;
+  EXPECT_FALSE(sandbox::create(c));
+  c = config_for("calc");
+  c.heap_size = 64ull << 20; // larger than memory
+  EXPECT_FALSE(sandbox::create(c));
+}
+
+TEST_F(create, init_abort_is_an_error_at_creation) {
+  auto sb = sandbox::create(config_for("init_abort"));
+  ASSERT_FALSE(sb);
+  EXPECT_EQ(sb.code(), errc::guest_aborted);
+  EXPECT_NE(sb.err().message().find("during guest init"), std::string::npos);
+}
+
+TEST_F(create, many_sandboxes_side_by_side) {
+  std::vector<std::unique_ptr<sandbox>> all;
+  for (int i = 0; i < 20; ++i) {
+    all.push_back(make("calc"));
+    ASSERT_NE(all.back(), nullptr);
+  }
+  for (int i = 0; i < 20; ++i) EXPECT_EQ(std::get<std::int32_t>(*all[i]->call("add_i32", i, i)), 2 * i);
+}
+
+TEST_F(create, larger_memory) {
+  auto c = config_for("calc");
+  c.memory_size = 256ull << 20;
+  c.stack_size = 1ull << 20;
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  EXPECT_EQ(std::get<std::int32_t>(*(*sb)->call("add_i32", 1, 2)), 3);
+}
+
+} // namespace
+} // namespace kiln::test
