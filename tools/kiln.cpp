@@ -94,6 +94,7 @@ int cmd_run(const run_options& o) {
   const int rc = r ? 0 : 1;
   if (r) fmt::print("{}\n", kiln::to_string(*r));
   else fmt::print(stderr, "kiln: {} failed: {}\n", o.function, r.err().message());
+  std::fflush(stdout);
   if (o.stats) {
     const auto s = (*sb)->stats();
     fmt::print(stderr,

@@ -52,11 +52,11 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
     while (first < visible.size() && visible[first]->end().value <= chunk) ++first;
     if (first == visible.size()) break;
     if (visible[first]->start.value >= chunk_end) continue; // nothing in this chunk
-    std::uint64_t& pde = img.entries[(2 + chunk / gib) * entries_per_table +
-                                     (chunk % gib) / large_page_size];
+    // An index, not a reference: adding a page table below reallocates the vector.
+    const std::size_t pde = (2 + chunk / gib) * entries_per_table + (chunk % gib) / large_page_size;
     const region& r0 = *visible[first];
     if (r0.start.value <= chunk && r0.end().value >= chunk_end) {
-      pde = chunk | leaf_bits(r0, use_nx) | pte_large;
+      img.entries[pde] = chunk | leaf_bits(r0, use_nx) | pte_large;
       ++img.large_pages;
       continue;
     }
@@ -65,7 +65,7 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
     if ((pt_index + 1) * page_size > max_bytes)
       return error(memory_errc::layout_too_small, "page tables exceed their reserved area");
     img.entries.resize(img.entries.size() + entries_per_table, 0);
-    pde = table_addr(pt_index) | upper;
+    img.entries[pde] = table_addr(pt_index) | upper;
     for (std::size_t i = first; i < visible.size() && visible[i]->start.value < chunk_end; ++i) {
       const region& r = *visible[i];
       const std::uint64_t lo = std::max(r.start.value, chunk);
