@@ -1,0 +1,72 @@
+// The kiln CLI as a user runs it: results on stdout, errors and usage on stderr, exit codes.
+#include <gtest/gtest.h>
+
+#include <array>
+#include <cstdio>
+#include <string>
+#include <sys/wait.h>
+
+namespace {
+
+struct outcome {
+  int status;
+  std::string out;
+};
+
+outcome run(const std::string& args) {
+  const std::string cmd = std::string(KILN_CLI_PATH) + " " + args + " 2>&1";
+  FILE* p = ::popen(cmd.c_str(), "r");
+  outcome o{-1, {}};
+  if (!p) return o;
+  std::array<char, 4096> buf{};
+  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), p)) o.out.append(buf.data(), n);
+  const int st = ::pclose(p);
+  o.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
+  return o;
+}
+
+const std::string calc = std::string(KILN_GUEST_DIR) + "/calc.elf";
+const std::string emu = " --backend emulated";
+
+TEST(cli, backends_lists_both) {
+  auto o = run("backends");
+  EXPECT_EQ(o.status, 0);
+  EXPECT_NE(o.out.find("kvm"), std::string::npos);
+  EXPECT_NE(o.out.find("emulated"), std::string::npos);
+}
+
+TEST(cli, run_prints_results) {
+  EXPECT_EQ(run("run " + calc + " add_i32 2 3" + emu).out, "5\n");
+  EXPECT_EQ(run("run " + calc + " mul_i64 123456789:i64 1000:i64" + emu).out, "123456789000\n");
+  EXPECT_EQ(run("run " + calc + " add_f64 0.5 2.25" + emu).out, "2.75\n");
+  EXPECT_EQ(run("run " + calc + " concat str:kiln str:-sandbox" + emu).out, "kiln-sandbox\n");
+  EXPECT_EQ(run("run " + calc + " echo hex:00ff10" + emu).out, "0x00ff10\n");
+  EXPECT_EQ(run("run " + calc + " negate false" + emu).out, "true\n");
+  EXPECT_EQ(run("run " + calc + " call_host str:host_add 40:i64 2:i64" + emu).out, "42\n");
+}
+
+TEST(cli, stats_are_printed) {
+  auto o = run("run " + calc + " add_i32 2 3 --stats" + emu);
+  EXPECT_EQ(o.status, 0);
+  EXPECT_NE(o.out.find("create:"), std::string::npos);
+  EXPECT_NE(o.out.find("exits:"), std::string::npos);
+}
+
+TEST(cli, bad_input_gets_a_message_not_a_crash) {
+  auto bad_arg = run("run " + calc + " add_i32 2 zzz" + emu);
+  EXPECT_EQ(bad_arg.status, 2);
+  EXPECT_NE(bad_arg.out.find("bad argument"), std::string::npos);
+  auto bad_backend = run("run " + calc + " add_i32 2 3 --backend vmware");
+  EXPECT_EQ(bad_backend.status, 2);
+  auto no_file = run("run /nonexistent.elf add_i32 2 3");
+  EXPECT_NE(no_file.status, 0);
+  auto no_args = run("");
+  EXPECT_NE(no_args.status, 0);
+  auto unknown_fn = run("run " + calc + " nope" + emu);
+  EXPECT_EQ(unknown_fn.status, 1);
+  EXPECT_NE(unknown_fn.out.find("not found"), std::string::npos);
+  auto bad_mem = run("run " + calc + " add_i32 1 2 --memory lots" + emu);
+  EXPECT_EQ(bad_mem.status, 2);
+}
+
+} // namespace
