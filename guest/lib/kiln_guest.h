@@ -1,0 +1,112 @@
+/* The kiln guest library's public API: register functions, call the host, log, abort. */
+#ifndef KILN_GUEST_H
+#define KILN_GUEST_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include <kiln/guest/abi.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* A typed value, as passed to and returned from guest and host functions.
+ * STRING/BYTES: `buf.data` points at `buf.len` bytes; strings are NOT NUL-terminated (the
+ * library adds a terminator after host-call results, as a convenience, not counted in len). */
+struct kiln_value {
+  enum kiln_type type;
+  union {
+    int32_t i32;
+    int64_t i64;
+    uint64_t u64;
+    double f64;
+    bool b;
+    struct {
+      const void* data;
+      uint32_t len;
+    } buf;
+  };
+};
+
+/* A function the host can call. `args` holds exactly the registered parameters, already
+ * type-checked; STRING/BYTES argument data stays valid until the function returns (it lives in
+ * a guest-owned copy of the request, so host calls made meanwhile do not disturb it).
+ * `ret->type` is preset to the registered return type and its value zeroed; fill the value.
+ * A STRING/BYTES result must stay valid until the function returns and may point into the
+ * arguments, static data, or kiln_call_alloc() memory.
+ * Return KILN_STATUS_OK, or KILN_STATUS_FAILED after kiln_set_error() (any other status is
+ * passed through with the message set, or a generic one). */
+typedef enum kiln_status (*kiln_guest_fn)(const struct kiln_value* args, uint32_t nargs,
+                                          struct kiln_value* ret);
+
+/* Defined by the guest program: called once at boot, before READY; register functions here.
+ * The state after it returns is the sandbox's natural base snapshot. */
+void kiln_guest_init(void);
+
+/* Register `fn` under `name` (copied; at most KILN_MAX_NAME bytes) with its signature
+ * (`params` copied; at most KILN_MAX_ARGS entries, none VOID). Returns 0, or -1 when the name
+ * is empty/too long/already registered, the signature is invalid, or the table is full. */
+int kiln_register(const char* name, kiln_guest_fn fn, enum kiln_type ret_type,
+                  const enum kiln_type* params, uint32_t nparams);
+
+/* Message returned with KILN_STATUS_FAILED for the current call (copied, truncated to
+ * KILN_ERROR_MAX - 1 bytes). */
+#define KILN_ERROR_MAX 1024u
+void kiln_set_error(const char* msg);
+
+/* Memory that stays valid until the current guest call has returned its result, then is freed
+ * by the library; for STRING/BYTES results. NULL when the heap is exhausted. */
+void* kiln_call_alloc(size_t size);
+
+/* Call host function `name` with `nargs` typed arguments and wait for its result.
+ * On KILN_STATUS_OK `*result` (may be NULL) holds the value; STRING/BYTES data is a guest copy,
+ * NUL-terminated, valid until the next host call. On any other status kiln_host_error() has the
+ * message. Statuses raised locally: ARG_COUNT (nargs > KILN_MAX_ARGS), NOT_FOUND (bad name),
+ * TOO_LARGE (request does not fit out_buf), MALFORMED (the host's reply did not parse). */
+enum kiln_status kiln_host_call(const char* name, const struct kiln_value* args, uint32_t nargs,
+                                struct kiln_value* result);
+/* The same with a name that is not NUL-terminated (e.g. a STRING argument). */
+enum kiln_status kiln_host_call_n(const char* name, size_t name_len,
+                                  const struct kiln_value* args, uint32_t nargs,
+                                  struct kiln_value* result);
+/* Message of the last failed host call (NUL-terminated; "" after a successful one). */
+const char* kiln_host_error(void);
+
+/* "OK", "NOT_FOUND", ... for messages. */
+const char* kiln_status_name(enum kiln_status s);
+
+/* One log line to the host (truncated to out_buf). */
+void kiln_log(const char* msg, size_t len);
+void kiln_print(const char* nul_terminated);
+
+/* Stop the sandbox: struct kiln_abort_record + message (truncated to out_buf) in out_buf, then
+ * `out KILN_PORT_ABORT` with eax = code. Never returns. */
+_Noreturn void kiln_abort(uint32_t code, const char* msg);
+_Noreturn void kiln_abort_n(uint32_t code, const char* msg, size_t len);
+
+/* Abort codes the library itself uses (a guest program should pick codes below 0xFFFF0000). */
+#define KILN_ABORT_BOOT_INFO 0xFFFF0001u  /* bad boot-info magic or ABI major */
+#define KILN_ABORT_HEAP 0xFFFF0002u       /* invalid free/realloc pointer, heap corruption */
+#define KILN_ABORT_STACK_CHK 0xFFFF0003u  /* a stack-protector canary was overwritten */
+#define KILN_ABORT_LIBC 0xFFFF0004u       /* abort(), exit(), a failed assert() */
+#define KILN_ABORT_REGISTER 0xFFFF0005u   /* reserved for registration failures */
+
+/* The boot info the host passed at entry (read-only). */
+const struct kiln_boot_info* kiln_boot_info(void);
+
+/* Heap statistics of the guest allocator (bytes). */
+struct kiln_heap_stats {
+  uint64_t heap_size;   /* the region the host gave */
+  uint64_t in_use;      /* bytes in allocated blocks, headers included */
+  uint64_t high_water;  /* bytes of the region ever handed out (the rest is untouched) */
+  uint64_t free_blocks; /* blocks on the free lists */
+};
+void kiln_heap_stats(struct kiln_heap_stats* out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* KILN_GUEST_H */
