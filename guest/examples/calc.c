@@ -1,4 +1,4 @@
-/* Example guest: arithmetic on every wire type, strings and bytes, and calls back into the host. */
+/* Example guest: arithmetic on every wire type, strings, bytes, and calls back into the host. */
 #include <kiln_guest.h>
 
 static enum kiln_status add_i32(const struct kiln_value* a, uint32_t n, struct kiln_value* r) {
@@ -99,7 +99,8 @@ static enum kiln_status call_host(const struct kiln_value* a, uint32_t n, struct
     size_t used = 0;
     const char* parts[] = {"host call failed with ", kiln_status_name(st), ": ", kiln_host_error()};
     for (unsigned i = 0; i < 4; ++i)
-      for (const char* s = parts[i]; *s && used + 1 < sizeof msg; ++s) msg[used++] = *s;
+      for (const char* s = parts[i]; *s && used + 1 < sizeof msg; ++s)
+        msg[used++] = *s;
     msg[used] = '\0';
     kiln_set_error(msg);
     return KILN_STATUS_FAILED;
@@ -122,11 +123,11 @@ static enum kiln_status call_host_status(const struct kiln_value* a, uint32_t n,
 }
 
 #define T(x) KILN_TYPE_##x
-#define REGISTER(name, ret, ...)                                                        \
-  do {                                                                                  \
-    static const enum kiln_type params[] = {__VA_ARGS__};                               \
-    if (kiln_register(#name, name, ret, params, sizeof params / sizeof params[0]) != 0) \
-      kiln_abort(1, "calc: cannot register " #name);                                    \
+#define REGISTER(name, ret, ...)                                                                   \
+  do {                                                                                             \
+    static const enum kiln_type params[] = {__VA_ARGS__};                                          \
+    if (kiln_register(#name, name, ret, params, sizeof params / sizeof params[0]) != 0)            \
+      kiln_abort(1, "calc: cannot register " #name);                                               \
   } while (0)
 
 void kiln_guest_init(void) {

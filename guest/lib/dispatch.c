@@ -1,5 +1,4 @@
-/* Host -> guest calls: the function registry, the READY/RETURN loop, request decoding and
- * result encoding. */
+/* Host -> guest calls: function registry, request decoding, result encoding, READY/RETURN loop. */
 #include "internal.h"
 
 #define KILN_MAX_FUNCTIONS 256u
@@ -30,7 +29,8 @@ struct call_block {
 static struct call_block* call_blocks;
 
 static const char* type_name(unsigned t) {
-  static const char* const names[] = {"void", "i32", "i64", "u64", "f64", "bool", "string", "bytes"};
+  static const char* const names[] = {"void", "i32",  "i64",    "u64",
+                                      "f64",  "bool", "string", "bytes"};
   return t <= KILN_TYPE_LAST ? names[t] : "invalid";
 }
 
@@ -54,7 +54,8 @@ int kiln_register(const char* name, kiln_guest_fn fn, enum kiln_type ret_type,
   e->ret = ret_type;
   e->fn = fn;
   e->nparams = nparams;
-  for (uint32_t i = 0; i < nparams; ++i) e->params[i] = (uint8_t)params[i];
+  for (uint32_t i = 0; i < nparams; ++i)
+    e->params[i] = (uint8_t)params[i];
   ++nfns;
   return 0;
 }

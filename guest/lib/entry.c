@@ -66,7 +66,8 @@ static _Noreturn void boot_info_abort(const struct kiln_boot_info* bi) {
 static void run_constructors(void) {
   typedef void (*ctor_fn)(void);
   extern ctor_fn __init_array_start[], __init_array_end[];
-  for (ctor_fn* f = __init_array_start; f < __init_array_end; ++f) (*f)();
+  for (ctor_fn* f = __init_array_start; f < __init_array_end; ++f)
+    (*f)();
 }
 
 /* A known FPU state whatever the vCPU was reset to: Unicorn 2.0.1 starts with an x87 control
@@ -102,4 +103,6 @@ _Noreturn void kiln_start(const struct kiln_boot_info* bi) {
   kiln_dispatch_loop();
 }
 
-const struct kiln_boot_info* kiln_boot_info(void) { return kiln_io_.boot; }
+const struct kiln_boot_info* kiln_boot_info(void) {
+  return kiln_io_.boot;
+}

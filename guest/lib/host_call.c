@@ -15,7 +15,9 @@ static enum kiln_status local_error(enum kiln_status st, const char* msg) {
   return st;
 }
 
-const char* kiln_host_error(void) { return host_error; }
+const char* kiln_host_error(void) {
+  return host_error;
+}
 
 /* Room for `size` payload bytes plus the NUL added after a STRING/BYTES result. */
 static bool reserve_result(uint64_t size) {
@@ -54,9 +56,8 @@ static enum kiln_status read_host_result(struct kiln_value* result) {
   return (enum kiln_status)h.status;
 }
 
-enum kiln_status kiln_host_call_n(const char* name, size_t name_len,
-                                  const struct kiln_value* args, uint32_t nargs,
-                                  struct kiln_value* result) {
+enum kiln_status kiln_host_call_n(const char* name, size_t name_len, const struct kiln_value* args,
+                                  uint32_t nargs, struct kiln_value* result) {
   host_error[0] = '\0';
   if (result) {
     result->type = KILN_TYPE_VOID;
@@ -73,7 +74,8 @@ enum kiln_status kiln_host_call_n(const char* name, size_t name_len,
   const uint64_t hdr = sizeof(struct kiln_msg_header);
   struct kiln_writer w = {kiln_io_.out_buf + hdr, kiln_io_.out_size - hdr, 0, true};
   kiln_wire_put_string(&w, name, name_len);
-  for (uint32_t i = 0; i < nargs; ++i) kiln_wire_put_value(&w, &args[i]);
+  for (uint32_t i = 0; i < nargs; ++i)
+    kiln_wire_put_value(&w, &args[i]);
   if (!w.ok || w.pos > UINT32_MAX - hdr)
     return local_error(KILN_STATUS_TOO_LARGE, "host call: request does not fit out_buf");
   kiln_wire_put_header(kiln_io_.out_buf, KILN_MSG_HOST_CALL, (uint16_t)nargs, 0, (uint32_t)w.pos);
@@ -92,7 +94,9 @@ void kiln_log(const char* msg, size_t len) {
   kiln_hypercall(KILN_PORT_LOG, (uint32_t)len);
 }
 
-void kiln_print(const char* s) { kiln_log(s, strlen(s)); }
+void kiln_print(const char* s) {
+  kiln_log(s, strlen(s));
+}
 
 _Noreturn void kiln_abort_n(uint32_t code, const char* msg, size_t len) {
   struct kiln_abort_record rec = {0, 0};

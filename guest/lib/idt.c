@@ -2,8 +2,8 @@
 #include "internal.h"
 
 /* One 16-byte stub per vector, at kiln_isr_stubs + 16 * vector. Vectors where the CPU pushes an
- * error code (8, 10-14, 17, 21, 29, 30) skip the `push $0`, so every frame looks the same:
- *   [rsp] vector, error code, rip, cs, rflags, rsp, ss
+ * error code (8, 10-14, 17, 21, 29, 30: the bits of 0x60227D00) skip the `push $0`, so every
+ * frame looks the same: [rsp] vector, error code, rip, cs, rflags, rsp, ss.
  * The handler never returns, so nothing is saved. It runs on IST1 (set by the host in the TSS):
  * the faulting stack may be the overflowed one, or in use below rsp by musl's red-zone code. */
 __asm__(".text\n"
@@ -13,8 +13,8 @@ __asm__(".text\n"
         ".set .Lkiln_vec, 0\n"
         ".rept 256\n"
         "  .balign 16\n"
-        "  .if (.Lkiln_vec == 8) || ((.Lkiln_vec >= 10) && (.Lkiln_vec <= 14)) || (.Lkiln_vec == 17) || "
-        "(.Lkiln_vec == 21) || (.Lkiln_vec == 29) || (.Lkiln_vec == 30)\n"
+        "  .if (.Lkiln_vec < 32) && ((0x60227D00 >> (.Lkiln_vec & 31)) & 1)\n" /* CPU pushed an
+                                                                                  error code */
         "  .else\n"
         "    pushq $0\n"
         "  .endif\n"
@@ -79,8 +79,8 @@ void kiln_idt_install(void) {
     idt[v] = (struct idt_gate){
         .offset_lo = (uint16_t)addr,
         .selector = KILN_GDT_CODE64,
-        .ist = 1,            /* TSS IST1: the host's dedicated exception stack */
-        .type_attr = 0x8E,   /* present, DPL 0, 64-bit interrupt gate (IF cleared on entry) */
+        .ist = 1,          /* TSS IST1: the host's dedicated exception stack */
+        .type_attr = 0x8E, /* present, DPL 0, 64-bit interrupt gate (IF cleared on entry) */
         .offset_mid = (uint16_t)(addr >> 16),
         .offset_hi = (uint32_t)(addr >> 32),
         .reserved = 0,

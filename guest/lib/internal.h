@@ -17,7 +17,8 @@ static inline void kiln_hypercall(uint16_t port, uint32_t value) {
 #define KILN_LIBC __attribute__((weak))
 
 static inline _Noreturn void kiln_halt_forever(void) {
-  for (;;) __asm__ volatile("cli\n\thlt" : : : "memory");
+  for (;;)
+    __asm__ volatile("cli\n\thlt" : : : "memory");
 }
 
 /* Set once at entry from boot info; the I/O buffers never move. */
@@ -43,8 +44,12 @@ static inline uint64_t kiln_ld64(const uint8_t* p) {
   __builtin_memcpy(&v, p, 8);
   return v;
 }
-static inline void kiln_st32(uint8_t* p, uint32_t v) { __builtin_memcpy(p, &v, 4); }
-static inline void kiln_st64(uint8_t* p, uint64_t v) { __builtin_memcpy(p, &v, 8); }
+static inline void kiln_st32(uint8_t* p, uint32_t v) {
+  __builtin_memcpy(p, &v, 4);
+}
+static inline void kiln_st64(uint8_t* p, uint64_t v) {
+  __builtin_memcpy(p, &v, 8);
+}
 
 /* Bounded writer over a buffer: every put checks the remaining room; `ok` turns false on the
  * first overflow and stays false (callers check once at the end). */

@@ -68,9 +68,8 @@ void* kiln_call_alloc(size_t size);
 enum kiln_status kiln_host_call(const char* name, const struct kiln_value* args, uint32_t nargs,
                                 struct kiln_value* result);
 /* The same with a name that is not NUL-terminated (e.g. a STRING argument). */
-enum kiln_status kiln_host_call_n(const char* name, size_t name_len,
-                                  const struct kiln_value* args, uint32_t nargs,
-                                  struct kiln_value* result);
+enum kiln_status kiln_host_call_n(const char* name, size_t name_len, const struct kiln_value* args,
+                                  uint32_t nargs, struct kiln_value* result);
 /* Message of the last failed host call (NUL-terminated; "" after a successful one). */
 const char* kiln_host_error(void);
 
@@ -87,11 +86,11 @@ _Noreturn void kiln_abort(uint32_t code, const char* msg);
 _Noreturn void kiln_abort_n(uint32_t code, const char* msg, size_t len);
 
 /* Abort codes the library itself uses (a guest program should pick codes below 0xFFFF0000). */
-#define KILN_ABORT_BOOT_INFO 0xFFFF0001u  /* bad boot-info magic or ABI major */
-#define KILN_ABORT_HEAP 0xFFFF0002u       /* invalid free/realloc pointer, heap corruption */
-#define KILN_ABORT_STACK_CHK 0xFFFF0003u  /* a stack-protector canary was overwritten */
-#define KILN_ABORT_LIBC 0xFFFF0004u       /* abort(), exit(), a failed assert() */
-#define KILN_ABORT_REGISTER 0xFFFF0005u   /* reserved for registration failures */
+#define KILN_ABORT_BOOT_INFO 0xFFFF0001u /* bad boot-info magic or ABI major */
+#define KILN_ABORT_HEAP 0xFFFF0002u      /* invalid free/realloc pointer, heap corruption */
+#define KILN_ABORT_STACK_CHK 0xFFFF0003u /* a stack-protector canary was overwritten */
+#define KILN_ABORT_LIBC 0xFFFF0004u      /* abort(), exit(), a failed assert() */
+#define KILN_ABORT_REGISTER 0xFFFF0005u  /* reserved for registration failures */
 
 /* The boot info the host passed at entry (read-only). */
 const struct kiln_boot_info* kiln_boot_info(void);

@@ -1,5 +1,6 @@
-/* libc entry points the guest library owns so that musl's syscall-bearing versions (futex
- * locks, raise, exit_group, writes to stderr) are never linked into a guest image. */
+/* libc functions the guest library owns, so musl's syscall-bearing versions stay out of guests. */
+
+/* musl's versions use futex locks, raise, exit_group or writes to stderr; none may be linked. */
 #include "internal.h"
 
 /* Every libc-named definition in the library is weak (KILN_LIBC in internal.h): the library
@@ -16,12 +17,16 @@ KILN_LIBC int __lockfile(struct _IO_FILE* f) {
   (void)f;
   return 0;
 }
-KILN_LIBC void __unlockfile(struct _IO_FILE* f) { (void)f; }
+KILN_LIBC void __unlockfile(struct _IO_FILE* f) {
+  (void)f;
+}
 
 /* musl's versions end in raise()/exit_group syscalls; in a guest they stop the sandbox with a
  * message the host reports instead. */
 _Noreturn void abort(void);
-KILN_LIBC _Noreturn void abort(void) { kiln_abort(KILN_ABORT_LIBC, "abort() called"); }
+KILN_LIBC _Noreturn void abort(void) {
+  kiln_abort(KILN_ABORT_LIBC, "abort() called");
+}
 
 static _Noreturn void exit_called(const char* fn, int status) {
   char msg[64];
@@ -37,12 +42,19 @@ static _Noreturn void exit_called(const char* fn, int status) {
 _Noreturn void exit(int status);
 _Noreturn void _Exit(int status);
 _Noreturn void _exit(int status);
-KILN_LIBC _Noreturn void exit(int status) { exit_called("exit", status); }
-KILN_LIBC _Noreturn void _Exit(int status) { exit_called("_Exit", status); }
-KILN_LIBC _Noreturn void _exit(int status) { exit_called("_exit", status); }
+KILN_LIBC _Noreturn void exit(int status) {
+  exit_called("exit", status);
+}
+KILN_LIBC _Noreturn void _Exit(int status) {
+  exit_called("_Exit", status);
+}
+KILN_LIBC _Noreturn void _exit(int status) {
+  exit_called("_exit", status);
+}
 
 _Noreturn void __assert_fail(const char* expr, const char* file, int line, const char* func);
-KILN_LIBC _Noreturn void __assert_fail(const char* expr, const char* file, int line, const char* func) {
+KILN_LIBC _Noreturn void __assert_fail(const char* expr, const char* file, int line,
+                                       const char* func) {
   char msg[512];
   msg[0] = '\0';
   kiln_str_append(msg, sizeof msg, "assertion failed: ");
@@ -76,4 +88,6 @@ KILN_LIBC int atexit(void (*fn)(void)) {
   return 0; /* musl's pulls in its futex lock */
 }
 void __cxa_pure_virtual(void);
-KILN_LIBC void __cxa_pure_virtual(void) { kiln_abort(KILN_ABORT_LIBC, "pure virtual function called"); }
+KILN_LIBC void __cxa_pure_virtual(void) {
+  kiln_abort(KILN_ABORT_LIBC, "pure virtual function called");
+}

@@ -1,5 +1,4 @@
-/* The guest allocator over the heap region from boot info: two-level segregated fits (TLSF)
- * with boundary tags, O(1) malloc/free, immediate coalescing, 16-byte alignment. */
+/* The guest allocator: TLSF over the boot-info heap, O(1) malloc/free, coalescing, 16-aligned. */
 #include "internal.h"
 
 /* Chunk layout (addresses 16-aligned, sizes multiples of 16, header included):
@@ -44,12 +43,22 @@ static struct {
   struct chunk* lists[FL_COUNT][SL_COUNT];
 } heap;
 
-static inline uint64_t csize(const struct chunk* c) { return c->head & SIZE_MASK; }
-static inline struct chunk* at(uint8_t* p) { return (struct chunk*)(void*)p; }
-static inline struct chunk* next_chunk(struct chunk* c) { return at((uint8_t*)c + csize(c)); }
-static inline unsigned msb(uint64_t v) { return 63u - (unsigned)__builtin_clzll(v); }
+static inline uint64_t csize(const struct chunk* c) {
+  return c->head & SIZE_MASK;
+}
+static inline struct chunk* at(uint8_t* p) {
+  return (struct chunk*)(void*)p;
+}
+static inline struct chunk* next_chunk(struct chunk* c) {
+  return at((uint8_t*)c + csize(c));
+}
+static inline unsigned msb(uint64_t v) {
+  return 63u - (unsigned)__builtin_clzll(v);
+}
 
-static _Noreturn void heap_corrupt(const char* what) { kiln_abort(KILN_ABORT_HEAP, what); }
+static _Noreturn void heap_corrupt(const char* what) {
+  kiln_abort(KILN_ABORT_HEAP, what);
+}
 
 static void mapping(uint64_t size, unsigned* fl, unsigned* sl) {
   if (size < SMALL_LIMIT) {
@@ -265,7 +274,9 @@ KILN_LIBC void* aligned_alloc(size_t align, size_t n) {
   return a;
 }
 
-KILN_LIBC void* memalign(size_t align, size_t n) { return aligned_alloc(align, n); }
+KILN_LIBC void* memalign(size_t align, size_t n) {
+  return aligned_alloc(align, n);
+}
 
 KILN_LIBC int posix_memalign(void** out, size_t align, size_t n) {
   if (align < sizeof(void*) || (align & (align - 1))) return 22; /* EINVAL */

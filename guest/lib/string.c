@@ -1,5 +1,6 @@
-/* The mem* and str* functions, for the guest library and for compiler-emitted calls (GCC emits
- * memcpy/memset for struct copies even under -fno-builtin). Built with
+/* mem* and str* functions for the guest library, guest programs and compiler-emitted calls. */
+
+/* GCC emits memcpy/memset for struct copies even under -fno-builtin. This file is built with
  * -fno-tree-loop-distribute-patterns so GCC cannot turn these loops into calls to themselves. */
 #include "internal.h"
 
@@ -15,8 +16,10 @@ KILN_LIBC void* memcpy(void* restrict dst, const void* restrict src, size_t n) {
     __asm__ volatile("rep movsb" : "+D"(d), "+S"(s), "+c"(n) : : "memory");
     return dst;
   }
-  for (; n >= 8; n -= 8, d += 8, s += 8) kiln_st64(d, kiln_ld64(s));
-  for (; n; --n) *d++ = *s++;
+  for (; n >= 8; n -= 8, d += 8, s += 8)
+    kiln_st64(d, kiln_ld64(s));
+  for (; n; --n)
+    *d++ = *s++;
   return dst;
 }
 
@@ -33,7 +36,8 @@ KILN_LIBC void* memmove(void* dst, const void* src, size_t n) {
     s -= 8;
     kiln_st64(d, kiln_ld64(s));
   }
-  while (n--) *--d = *--s;
+  while (n--)
+    *--d = *--s;
   return dst;
 }
 
@@ -44,8 +48,10 @@ KILN_LIBC void* memset(void* dst, int c, size_t n) {
     return dst;
   }
   uint64_t pattern = 0x0101010101010101ull * (uint8_t)c;
-  for (; n >= 8; n -= 8, d += 8) kiln_st64(d, pattern);
-  for (; n; --n) *d++ = (uint8_t)c;
+  for (; n >= 8; n -= 8, d += 8)
+    kiln_st64(d, pattern);
+  for (; n; --n)
+    *d++ = (uint8_t)c;
   return dst;
 }
 
@@ -68,18 +74,21 @@ KILN_LIBC void* memchr(const void* p, int c, size_t n) {
 
 KILN_LIBC size_t strlen(const char* s) {
   const char* p = s;
-  while (*p) ++p;
+  while (*p)
+    ++p;
   return (size_t)(p - s);
 }
 
 KILN_LIBC size_t strnlen(const char* s, size_t max) {
   size_t n = 0;
-  while (n < max && s[n]) ++n;
+  while (n < max && s[n])
+    ++n;
   return n;
 }
 
 KILN_LIBC int strcmp(const char* a, const char* b) {
-  while (*a && *a == *b) ++a, ++b;
+  while (*a && *a == *b)
+    ++a, ++b;
   return (int)(uint8_t)*a - (int)(uint8_t)*b;
 }
 

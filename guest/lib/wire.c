@@ -33,14 +33,19 @@ static void put_u64(struct kiln_writer* w, uint64_t v) {
 
 uint64_t kiln_wire_value_size(const struct kiln_value* v) {
   switch (v->type) {
-    case KILN_TYPE_VOID: return 1;
-    case KILN_TYPE_I32: return 5;
-    case KILN_TYPE_I64:
-    case KILN_TYPE_U64:
-    case KILN_TYPE_F64: return 9;
-    case KILN_TYPE_BOOL: return 2;
-    case KILN_TYPE_STRING:
-    case KILN_TYPE_BYTES: return 5 + (uint64_t)v->buf.len;
+  case KILN_TYPE_VOID:
+    return 1;
+  case KILN_TYPE_I32:
+    return 5;
+  case KILN_TYPE_I64:
+  case KILN_TYPE_U64:
+  case KILN_TYPE_F64:
+    return 9;
+  case KILN_TYPE_BOOL:
+    return 2;
+  case KILN_TYPE_STRING:
+  case KILN_TYPE_BYTES:
+    return 5 + (uint64_t)v->buf.len;
   }
   return 1;
 }
@@ -57,33 +62,35 @@ void kiln_wire_put_string(struct kiln_writer* w, const void* data, uint64_t len)
 
 void kiln_wire_put_value(struct kiln_writer* w, const struct kiln_value* v) {
   switch (v->type) {
-    case KILN_TYPE_VOID: put_u8(w, KILN_TYPE_VOID); return;
-    case KILN_TYPE_I32:
-      put_u8(w, KILN_TYPE_I32);
-      put_u32(w, (uint32_t)v->i32);
-      return;
-    case KILN_TYPE_I64:
-    case KILN_TYPE_U64:
-      put_u8(w, (uint8_t)v->type);
-      put_u64(w, v->u64);
-      return;
-    case KILN_TYPE_F64: {
-      uint64_t bits;
-      __builtin_memcpy(&bits, &v->f64, 8);
-      put_u8(w, KILN_TYPE_F64);
-      put_u64(w, bits);
-      return;
-    }
-    case KILN_TYPE_BOOL:
-      put_u8(w, KILN_TYPE_BOOL);
-      put_u8(w, v->b ? 1 : 0);
-      return;
-    case KILN_TYPE_STRING:
-    case KILN_TYPE_BYTES:
-      put_u8(w, (uint8_t)v->type);
-      put_u32(w, v->buf.len);
-      put_bytes(w, v->buf.data, v->buf.len);
-      return;
+  case KILN_TYPE_VOID:
+    put_u8(w, KILN_TYPE_VOID);
+    return;
+  case KILN_TYPE_I32:
+    put_u8(w, KILN_TYPE_I32);
+    put_u32(w, (uint32_t)v->i32);
+    return;
+  case KILN_TYPE_I64:
+  case KILN_TYPE_U64:
+    put_u8(w, (uint8_t)v->type);
+    put_u64(w, v->u64);
+    return;
+  case KILN_TYPE_F64: {
+    uint64_t bits;
+    __builtin_memcpy(&bits, &v->f64, 8);
+    put_u8(w, KILN_TYPE_F64);
+    put_u64(w, bits);
+    return;
+  }
+  case KILN_TYPE_BOOL:
+    put_u8(w, KILN_TYPE_BOOL);
+    put_u8(w, v->b ? 1 : 0);
+    return;
+  case KILN_TYPE_STRING:
+  case KILN_TYPE_BYTES:
+    put_u8(w, (uint8_t)v->type);
+    put_u32(w, v->buf.len);
+    put_bytes(w, v->buf.data, v->buf.len);
+    return;
   }
   w->ok = false; /* an out-of-range type set by the caller */
 }
@@ -101,41 +108,45 @@ bool kiln_wire_get_value(struct kiln_reader* r, struct kiln_value* out) {
   uint64_t left = r->size - r->pos;
   const uint8_t* p = r->buf + r->pos;
   switch (tag) {
-    case KILN_TYPE_VOID: out->type = KILN_TYPE_VOID; out->u64 = 0; return true;
-    case KILN_TYPE_I32:
-      if (left < 4) return false;
-      out->type = KILN_TYPE_I32;
-      out->u64 = 0;
-      out->i32 = (int32_t)kiln_ld32(p);
-      r->pos += 4;
-      return true;
-    case KILN_TYPE_I64:
-    case KILN_TYPE_U64:
-    case KILN_TYPE_F64:
-      if (left < 8) return false;
-      out->type = (enum kiln_type)tag;
-      out->u64 = kiln_ld64(p); /* the union shares the bits for i64, u64 and f64 */
-      r->pos += 8;
-      return true;
-    case KILN_TYPE_BOOL:
-      if (left < 1 || p[0] > 1) return false;
-      out->type = KILN_TYPE_BOOL;
-      out->u64 = 0;
-      out->b = p[0] == 1;
-      r->pos += 1;
-      return true;
-    case KILN_TYPE_STRING:
-    case KILN_TYPE_BYTES: {
-      if (left < 4) return false;
-      uint32_t len = kiln_ld32(p);
-      if (len > left - 4) return false;
-      out->type = (enum kiln_type)tag;
-      out->buf.data = p + 4;
-      out->buf.len = len;
-      r->pos += 4 + (uint64_t)len;
-      return true;
-    }
-    default: return false;
+  case KILN_TYPE_VOID:
+    out->type = KILN_TYPE_VOID;
+    out->u64 = 0;
+    return true;
+  case KILN_TYPE_I32:
+    if (left < 4) return false;
+    out->type = KILN_TYPE_I32;
+    out->u64 = 0;
+    out->i32 = (int32_t)kiln_ld32(p);
+    r->pos += 4;
+    return true;
+  case KILN_TYPE_I64:
+  case KILN_TYPE_U64:
+  case KILN_TYPE_F64:
+    if (left < 8) return false;
+    out->type = (enum kiln_type)tag;
+    out->u64 = kiln_ld64(p); /* the union shares the bits for i64, u64 and f64 */
+    r->pos += 8;
+    return true;
+  case KILN_TYPE_BOOL:
+    if (left < 1 || p[0] > 1) return false;
+    out->type = KILN_TYPE_BOOL;
+    out->u64 = 0;
+    out->b = p[0] == 1;
+    r->pos += 1;
+    return true;
+  case KILN_TYPE_STRING:
+  case KILN_TYPE_BYTES: {
+    if (left < 4) return false;
+    uint32_t len = kiln_ld32(p);
+    if (len > left - 4) return false;
+    out->type = (enum kiln_type)tag;
+    out->buf.data = p + 4;
+    out->buf.len = len;
+    r->pos += 4 + (uint64_t)len;
+    return true;
+  }
+  default:
+    return false;
   }
 }
 
@@ -166,14 +177,22 @@ void kiln_str_append_u64(char* dst, size_t cap, uint64_t v) {
 
 const char* kiln_status_name(enum kiln_status s) {
   switch (s) {
-    case KILN_STATUS_OK: return "OK";
-    case KILN_STATUS_NOT_FOUND: return "NOT_FOUND";
-    case KILN_STATUS_ARG_COUNT: return "ARG_COUNT";
-    case KILN_STATUS_ARG_TYPE: return "ARG_TYPE";
-    case KILN_STATUS_FAILED: return "FAILED";
-    case KILN_STATUS_MALFORMED: return "MALFORMED";
-    case KILN_STATUS_TOO_LARGE: return "TOO_LARGE";
-    case KILN_STATUS_HOST_ERROR: return "HOST_ERROR";
+  case KILN_STATUS_OK:
+    return "OK";
+  case KILN_STATUS_NOT_FOUND:
+    return "NOT_FOUND";
+  case KILN_STATUS_ARG_COUNT:
+    return "ARG_COUNT";
+  case KILN_STATUS_ARG_TYPE:
+    return "ARG_TYPE";
+  case KILN_STATUS_FAILED:
+    return "FAILED";
+  case KILN_STATUS_MALFORMED:
+    return "MALFORMED";
+  case KILN_STATUS_TOO_LARGE:
+    return "TOO_LARGE";
+  case KILN_STATUS_HOST_ERROR:
+    return "HOST_ERROR";
   }
   return "UNKNOWN_STATUS";
 }

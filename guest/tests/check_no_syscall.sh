@@ -1,6 +1,7 @@
 #!/bin/sh
-# Fails if any guest image contains syscall, sysenter or int $0x80: a guest reaches the host only
-# through hypercalls, and such an instruction means a libc object that talks to Linux got linked.
+# Fails if any guest image contains a syscall, sysenter or int $0x80 instruction.
+# A guest reaches the host only through hypercalls; such an instruction means a libc object that
+# talks to Linux got linked in.
 # Usage: check_no_syscall.sh OBJDUMP IMAGE.elf...
 set -u
 objdump=${1:?usage: check_no_syscall.sh OBJDUMP IMAGE...}

@@ -1,5 +1,6 @@
-/* Test guest: one function per way a guest can fail, for the host's adversarial tests. Each
- * takes no arguments and returns i32; most never return. */
+/* Test guest: one function per way a guest can fail, for the host's adversarial tests. */
+
+/* Each function takes no arguments and returns i32; most never return. */
 #include <kiln_guest.h>
 
 /* Hides a value from the optimiser so faulting code cannot be folded, moved or deleted. */
@@ -9,9 +10,12 @@ static void out32(uint16_t port, uint32_t value) {
   __asm__ volatile("outl %%eax, %%dx\n\tjmp 1f\n1:" : : "a"(value), "d"(port) : "memory");
 }
 
-static uint8_t* out_buf(void) { return (uint8_t*)(uintptr_t)kiln_boot_info()->out_buf; }
+static uint8_t* out_buf(void) {
+  return (uint8_t*)(uintptr_t)kiln_boot_info()->out_buf;
+}
 
-#define FN(name) static enum kiln_status name(const struct kiln_value* a, uint32_t n, struct kiln_value* r)
+#define FN(name)                                                                                   \
+  static enum kiln_status name(const struct kiln_value* a, uint32_t n, struct kiln_value* r)
 #define UNUSED (void)a, (void)n
 
 FN(null_read) {
@@ -96,7 +100,8 @@ FN(stack_overflow) {
 FN(big_stack_array) {
   UNUSED;
   volatile char big[10 * 1000 * 1000];
-  for (long i = (long)sizeof big - 1; i >= 0; i -= 4096) big[i] = 1;
+  for (long i = (long)sizeof big - 1; i >= 0; i -= 4096)
+    big[i] = 1;
   r->i32 = big[0];
   return KILN_STATUS_OK;
 }
@@ -141,7 +146,8 @@ FN(in_port) {
 FN(malformed_host_call) {
   UNUSED;
   uint8_t* out = out_buf();
-  for (unsigned i = 0; i < 64; ++i) out[i] = (uint8_t)(0xA5 ^ (i * 37));
+  for (unsigned i = 0; i < 64; ++i)
+    out[i] = (uint8_t)(0xA5 ^ (i * 37));
   out32(KILN_PORT_HOST_CALL, 64);
   r->i32 = -1;
   return KILN_STATUS_OK;
@@ -149,10 +155,12 @@ FN(malformed_host_call) {
 
 /* A well-formed HOST_CALL request for add(1:i64, 2:i64); returns its length. */
 static uint32_t write_valid_host_call(uint8_t* out) {
+  // clang-format off
   static const uint8_t payload[] = {
       KILN_TYPE_STRING, 3, 0, 0, 0, 'a', 'd', 'd',
-      KILN_TYPE_I64,    1, 0, 0, 0, 0,   0,   0, 0,
-      KILN_TYPE_I64,    2, 0, 0, 0, 0,   0,   0, 0};
+      KILN_TYPE_I64, 1, 0, 0, 0, 0, 0, 0, 0,
+      KILN_TYPE_I64, 2, 0, 0, 0, 0, 0, 0, 0};
+  // clang-format on
   struct kiln_msg_header h = {KILN_MSG_MAGIC, KILN_MSG_HOST_CALL, 2, 0, sizeof payload};
   __builtin_memcpy(out, &h, sizeof h);
   __builtin_memcpy(out + sizeof h, payload, sizeof payload);
@@ -186,13 +194,15 @@ FN(unregistered_host_call) {
 
 FN(spin) {
   UNUSED, (void)r;
-  for (;;) __asm__ volatile("" ::: "memory");
+  for (;;)
+    __asm__ volatile("" ::: "memory");
   return KILN_STATUS_OK;
 }
 
 FN(cli_hlt) {
   UNUSED, (void)r;
-  for (;;) __asm__ volatile("cli\n\thlt" ::: "memory");
+  for (;;)
+    __asm__ volatile("cli\n\thlt" ::: "memory");
   return KILN_STATUS_OK;
 }
 

@@ -1,5 +1,7 @@
-/* Test guest linked with musl's libc.a: formatting, parsing and errno, which need the FS-base
- * thread block (stack canary at %fs:0x28, errno through %fs:0) set up by the guest library. */
+/* Test guest linked with musl's libc.a: snprintf, strtod and errno through the FS-base block. */
+
+/* musl reads its stack canary at %fs:0x28 and errno through %fs:0: both need the thread block
+ * the guest library points FS base at. */
 #include <errno.h>
 #include <limits.h>
 #include <stdio.h>
