@@ -32,18 +32,12 @@ __asm__(".text\n"
 
 extern const uint8_t kiln_isr_stubs[];
 
-struct idt_gate {
-  uint16_t offset_lo;
-  uint16_t selector;
-  uint8_t ist;
-  uint8_t type_attr;
-  uint16_t offset_mid;
-  uint32_t offset_hi;
-  uint32_t reserved;
-};
-_Static_assert(sizeof(struct idt_gate) == 16, "IDT gate size");
-
-static struct idt_gate idt[256] __attribute__((aligned(16)));
+/* A 64-bit interrupt gate is two words:
+ *   word 0: offset[15:0] | selector << 16 | ist << 32 | type_attr << 40 | offset[31:16] << 48
+ *   word 1: offset[63:32] (upper half reserved, zero)
+ * Built as plain words so installing 256 gates is a short loop (the boot path runs under the
+ * emulator too, where every instruction and store counts). */
+static uint64_t idt[256][2] __attribute__((aligned(16)));
 
 /* Set while reporting: a fault inside the reporter itself (say a corrupted out_buf pointer)
  * must not loop through the IDT forever; it halts, which the host sees as an unexpected hlt. */
@@ -73,18 +67,13 @@ _Noreturn void kiln_exception(const struct isr_frame* f) {
 }
 
 void kiln_idt_install(void) {
-  uint64_t base = (uint64_t)(uintptr_t)kiln_isr_stubs;
-  for (unsigned v = 0; v < 256; ++v) {
-    uint64_t addr = base + 16u * v;
-    idt[v] = (struct idt_gate){
-        .offset_lo = (uint16_t)addr,
-        .selector = KILN_GDT_CODE64,
-        .ist = 1,          /* TSS IST1: the host's dedicated exception stack */
-        .type_attr = 0x8E, /* present, DPL 0, 64-bit interrupt gate (IF cleared on entry) */
-        .offset_mid = (uint16_t)(addr >> 16),
-        .offset_hi = (uint32_t)(addr >> 32),
-        .reserved = 0,
-    };
+  const uint64_t attrs = (uint64_t)KILN_GDT_CODE64 << 16 /* selector */
+                         | 1ull << 32                    /* IST1: the host's exception stack */
+                         | 0x8Eull << 40; /* present, DPL 0, 64-bit interrupt gate (IF cleared) */
+  uint64_t addr = (uint64_t)(uintptr_t)kiln_isr_stubs;
+  for (unsigned v = 0; v < 256; ++v, addr += 16) {
+    idt[v][0] = (addr & 0xFFFF) | attrs | (addr >> 16 & 0xFFFF) << 48;
+    idt[v][1] = addr >> 32;
   }
   struct __attribute__((packed)) {
     uint16_t limit;

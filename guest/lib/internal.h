@@ -94,6 +94,7 @@ void* memmove(void* dst, const void* src, size_t n);
 void* memset(void* dst, int c, size_t n);
 int memcmp(const void* a, const void* b, size_t n);
 size_t strlen(const char* s);
+size_t strnlen(const char* s, size_t max);
 void* malloc(size_t n);
 void free(void* p);
 
