@@ -81,6 +81,9 @@ static void fpu_init(void) {
 
 _Noreturn void kiln_start(const struct kiln_boot_info* bi);
 _Noreturn void kiln_start(const struct kiln_boot_info* bi) {
+  /* The IDT first: from here on a fault is reported with its vector and RIP (in eax and, once
+   * out_buf is known, as a full record) instead of triple-faulting the vCPU on KVM. */
+  kiln_idt_install();
   fpu_init();
   /* The canary and errno must work before any musl code runs, constructors included. */
   thread_block_init();
@@ -92,9 +95,6 @@ _Noreturn void kiln_start(const struct kiln_boot_info* bi) {
   kiln_io_.out_buf = (uint8_t*)(uintptr_t)bi->out_buf;
   kiln_io_.out_size = bi->out_buf_size;
   kiln_io_.emulated = (bi->features & KILN_FEATURE_EMULATED) != 0;
-  /* The IDT first: from here on a fault anywhere below is reported with its vector and RIP
-   * instead of triple-faulting (KVM) the vCPU. */
-  kiln_idt_install();
   if (kiln_io_.out_size < 64 || kiln_io_.in_size < sizeof(struct kiln_msg_header))
     kiln_abort(KILN_ABORT_BOOT_INFO, "guest library: I/O buffers too small");
   kiln_heap_init(bi->heap_start, bi->heap_size);

@@ -90,7 +90,6 @@ _Noreturn void kiln_abort_n(uint32_t code, const char* msg, size_t len);
 #define KILN_ABORT_HEAP 0xFFFF0002u      /* invalid free/realloc pointer, heap corruption */
 #define KILN_ABORT_STACK_CHK 0xFFFF0003u /* a stack-protector canary was overwritten */
 #define KILN_ABORT_LIBC 0xFFFF0004u      /* abort(), exit(), a failed assert() */
-#define KILN_ABORT_REGISTER 0xFFFF0005u  /* reserved for registration failures */
 
 /* The boot info the host passed at entry (read-only). */
 const struct kiln_boot_info* kiln_boot_info(void);
