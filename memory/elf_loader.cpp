@@ -31,9 +31,13 @@ std::string hex(std::uint64_t v) {
 result<elf_image> parse_elf(std::span<const std::byte> file, guest_phys_addr image_base,
                             guest_phys_addr image_limit) {
   if (file.size() > elf_max_file_size) return error(memory_errc::elf_too_large, "file size");
+  // The magic first (as much of it as the file holds), so a short non-ELF file is named for
+  // what it is, and a short prefix of an ELF file is named truncated.
+  const std::size_t magic_len = std::min<std::size_t>(file.size(), SELFMAG);
+  if (magic_len > 0 && std::memcmp(file.data(), ELFMAG, magic_len) != 0)
+    return memory_errc::elf_bad_magic;
   if (file.size() < sizeof(Elf64_Ehdr)) return error(memory_errc::elf_truncated, "ELF header");
   const auto eh = load<Elf64_Ehdr>(file, 0);
-  if (std::memcmp(eh.e_ident, ELFMAG, SELFMAG) != 0) return memory_errc::elf_bad_magic;
   if (eh.e_ident[EI_CLASS] != ELFCLASS64 || eh.e_ident[EI_DATA] != ELFDATA2LSB ||
       eh.e_machine != EM_X86_64)
     return memory_errc::elf_not_x86_64;
