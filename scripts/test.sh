@@ -8,4 +8,6 @@ werror=OFF
 [[ -n ${CI:-} ]] && werror=ON
 scripts/build.sh -DKILN_WERROR=$werror
 build=${BUILD_DIR:-build}
+echo "Backends on this machine (tests labelled kvm skip, with this reason, when kvm is unusable):"
+"$build/tools/kiln" backends
 ctest --test-dir "$build" --output-on-failure -j "${JOBS:-$(nproc)}" --timeout 600
