@@ -32,7 +32,8 @@ struct row {
 void print(const std::string& backend, const std::vector<row>& rows) {
   for (const auto& r : rows)
     fmt::print("{:<9} {:<24} {:>10.2f} us   {:<34} {:>10.2f} us   {:>6.2f}x\n", backend, r.what,
-               r.kiln_us, r.baseline_name, r.baseline_us, r.baseline_us > 0 ? r.kiln_us / r.baseline_us : 0.0);
+               r.kiln_us, r.baseline_name, r.baseline_us,
+               r.baseline_us > 0 ? r.kiln_us / r.baseline_us : 0.0);
 }
 
 int bench_backend(kiln::vcpu::backend_kind kind, int creates, int calls) {
@@ -44,7 +45,7 @@ int bench_backend(kiln::vcpu::backend_kind kind, int creates, int calls) {
   kiln::sandbox_config cfg;
   cfg.guest_path = std::string(KILN_GUEST_DIR) + "/calc.elf";
   cfg.backend = kind == kiln::vcpu::backend_kind::kvm ? kiln::vcpu::backend_choice::kvm
-                                                       : kiln::vcpu::backend_choice::emulated;
+                                                      : kiln::vcpu::backend_choice::emulated;
   kiln::host_functions fns;
   fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
 
@@ -60,15 +61,18 @@ int bench_backend(kiln::vcpu::backend_kind kind, int creates, int calls) {
   auto sb = kiln::sandbox::create(cfg, fns);
   if (!sb) return 1;
   auto time_calls = [&](auto&& fn) {
-    for (int i = 0; i < 100; ++i) fn(); // warm up translations and caches
+    for (int i = 0; i < 100; ++i)
+      fn(); // warm up translations and caches
     const auto t0 = clock_type::now();
-    for (int i = 0; i < calls; ++i) fn();
+    for (int i = 0; i < calls; ++i)
+      fn();
     return std::chrono::duration<double, std::micro>(clock_type::now() - t0).count() / calls;
   };
   const double call_void = time_calls([&] { (void)(*sb)->call("nothing"); });
   const double call_add = time_calls([&] { (void)(*sb)->call("add_i32", 2, 3); });
-  const double call_host = time_calls(
-      [&] { (void)(*sb)->call("call_host", std::string("host_add"), std::int64_t{1}, std::int64_t{2}); });
+  const double call_host = time_calls([&] {
+    (void)(*sb)->call("call_host", std::string("host_add"), std::int64_t{1}, std::int64_t{2});
+  });
 
   kiln::result<double> raw_create = 0.0, raw_io = 0.0;
   std::string create_name, io_name;
@@ -84,7 +88,8 @@ int bench_backend(kiln::vcpu::backend_kind kind, int creates, int calls) {
     io_name = "raw Unicorn out round trip";
   }
   if (!raw_create || !raw_io) {
-    fmt::print(stderr, "baseline failed: {}\n", (!raw_create ? raw_create.err() : raw_io.err()).message());
+    fmt::print(stderr, "baseline failed: {}\n",
+               (!raw_create ? raw_create.err() : raw_io.err()).message());
     return 1;
   }
   const std::string b = kiln::vcpu::to_string(kind);
@@ -103,11 +108,15 @@ int main(int argc, char** argv) {
   int creates = 20, calls = 2000;
   std::string only;
   for (int i = 1; i < argc; ++i) {
-    if (!std::strcmp(argv[i], "--creates") && i + 1 < argc) creates = std::atoi(argv[++i]);
-    else if (!std::strcmp(argv[i], "--calls") && i + 1 < argc) calls = std::atoi(argv[++i]);
-    else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc) only = argv[++i];
+    if (!std::strcmp(argv[i], "--creates") && i + 1 < argc)
+      creates = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--calls") && i + 1 < argc)
+      calls = std::atoi(argv[++i]);
+    else if (!std::strcmp(argv[i], "--backend") && i + 1 < argc)
+      only = argv[++i];
     else {
-      fmt::print(stderr, "usage: sandbox_bench [--creates N] [--calls N] [--backend kvm|emulated]\n");
+      fmt::print(stderr,
+                 "usage: sandbox_bench [--creates N] [--calls N] [--backend kvm|emulated]\n");
       return 2;
     }
   }

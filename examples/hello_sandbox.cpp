@@ -16,12 +16,14 @@ int main(int argc, char** argv) {
     return 1;
   }
   auto sum = (*sb)->call("add_i32", 2, 3);
-  auto via_host = (*sb)->call("call_host", std::string("host_add"), std::int64_t{40}, std::int64_t{2});
+  auto via_host =
+      (*sb)->call("call_host", std::string("host_add"), std::int64_t{40}, std::int64_t{2});
   if (!sum || !via_host) {
     fmt::print(stderr, "call: {}\n", (!sum ? sum.err() : via_host.err()).message());
     return 1;
   }
   fmt::print("backend {}: add_i32(2, 3) = {}, call_host(host_add, 40, 2) = {}\n",
-             kiln::vcpu::to_string((*sb)->backend()), kiln::to_string(*sum), kiln::to_string(*via_host));
+             kiln::vcpu::to_string((*sb)->backend()), kiln::to_string(*sum),
+             kiln::to_string(*via_host));
   return 0;
 }

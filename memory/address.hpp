@@ -9,9 +9,15 @@ namespace kiln::memory {
 inline constexpr std::uint64_t page_size = 4096;
 inline constexpr std::uint64_t large_page_size = 2ull << 20;
 
-constexpr std::uint64_t align_down(std::uint64_t v, std::uint64_t a) { return v & ~(a - 1); }
-constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t a) { return (v + a - 1) & ~(a - 1); }
-constexpr bool is_aligned(std::uint64_t v, std::uint64_t a) { return (v & (a - 1)) == 0; }
+constexpr std::uint64_t align_down(std::uint64_t v, std::uint64_t a) {
+  return v & ~(a - 1);
+}
+constexpr std::uint64_t align_up(std::uint64_t v, std::uint64_t a) {
+  return (v + a - 1) & ~(a - 1);
+}
+constexpr bool is_aligned(std::uint64_t v, std::uint64_t a) {
+  return (v & (a - 1)) == 0;
+}
 
 /// A guest-physical address. Guest memory is identity-mapped, so it is also the guest-virtual
 /// address of the same byte.

@@ -58,7 +58,8 @@ result<elf_image> parse_elf(std::span<const std::byte> file, guest_phys_addr ima
       return error(memory_errc::elf_not_static, "has an interpreter or dynamic section");
     if (ph.p_type != PT_LOAD || ph.p_memsz == 0) continue;
     const std::string which = "segment " + std::to_string(i);
-    if (ph.p_filesz > ph.p_memsz) return error(memory_errc::elf_bad_segment, which + ": filesz > memsz");
+    if (ph.p_filesz > ph.p_memsz)
+      return error(memory_errc::elf_bad_segment, which + ": filesz > memsz");
     std::uint64_t file_end = 0, mem_end = 0;
     if (__builtin_add_overflow(ph.p_offset, ph.p_filesz, &file_end) || file_end > file.size())
       return error(memory_errc::elf_truncated, which);
@@ -93,10 +94,11 @@ result<elf_image> parse_elf(std::span<const std::byte> file, guest_phys_addr ima
                    "segments at " + hex(img.segments[i - 1].vaddr.value) + " and " +
                        hex(img.segments[i].vaddr.value) + " share a page");
   img.entry = guest_phys_addr{eh.e_entry};
-  const bool entry_ok = std::any_of(img.segments.begin(), img.segments.end(), [&](const elf_segment& s) {
-    return has(s.prot, protection::exec) && img.entry >= s.vaddr &&
-           img.entry.value < s.vaddr.value + s.mem_size;
-  });
+  const bool entry_ok =
+      std::any_of(img.segments.begin(), img.segments.end(), [&](const elf_segment& s) {
+        return has(s.prot, protection::exec) && img.entry >= s.vaddr &&
+               img.entry.value < s.vaddr.value + s.mem_size;
+      });
   if (!entry_ok) return error(memory_errc::elf_entry_not_executable, hex(eh.e_entry));
   img.end = img.segments.back().start + img.segments.back().size;
   img.file.assign(file.begin(), file.end());
@@ -113,7 +115,8 @@ result<elf_image> read_elf_file(const std::string& path, guest_phys_addr image_b
   } c{fd};
   struct stat st {};
   if (::fstat(fd, &st) != 0) return errno_error("fstat");
-  if (!S_ISREG(st.st_mode)) return error(memory_errc::elf_bad_magic, path + " is not a regular file");
+  if (!S_ISREG(st.st_mode))
+    return error(memory_errc::elf_bad_magic, path + " is not a regular file");
   if (static_cast<std::uint64_t>(st.st_size) > elf_max_file_size)
     return error(memory_errc::elf_too_large, path);
   std::vector<std::byte> buf(static_cast<std::size_t>(st.st_size));
@@ -132,8 +135,8 @@ result<elf_image> read_elf_file(const std::string& path, guest_phys_addr image_b
 result<void> load_elf(const elf_image& image, guest_memory& mem) {
   for (std::size_t i = 0; i < image.segments.size(); ++i) {
     const auto& s = image.segments[i];
-    KILN_TRY(mem.add_region(region{"image." + std::to_string(i), region_kind::image, s.start, s.size,
-                                   s.prot, true}));
+    KILN_TRY(mem.add_region(
+        region{"image." + std::to_string(i), region_kind::image, s.start, s.size, s.prot, true}));
     const auto bytes = std::span<const std::byte>(image.file).subspan(s.file_offset, s.file_size);
     KILN_TRY(mem.write(s.vaddr, bytes));
   }

@@ -9,15 +9,24 @@ namespace kiln::memory {
 
 const char* to_string(region_kind k) noexcept {
   switch (k) {
-  case region_kind::boot_info: return "boot_info";
-  case region_kind::system_tables: return "system_tables";
-  case region_kind::page_tables: return "page_tables";
-  case region_kind::ist_stack: return "ist_stack";
-  case region_kind::io_in: return "io_in";
-  case region_kind::io_out: return "io_out";
-  case region_kind::image: return "image";
-  case region_kind::heap: return "heap";
-  case region_kind::stack: return "stack";
+  case region_kind::boot_info:
+    return "boot_info";
+  case region_kind::system_tables:
+    return "system_tables";
+  case region_kind::page_tables:
+    return "page_tables";
+  case region_kind::ist_stack:
+    return "ist_stack";
+  case region_kind::io_in:
+    return "io_in";
+  case region_kind::io_out:
+    return "io_out";
+  case region_kind::image:
+    return "image";
+  case region_kind::heap:
+    return "heap";
+  case region_kind::stack:
+    return "stack";
   }
   return "?";
 }

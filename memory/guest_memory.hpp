@@ -71,15 +71,15 @@ public:
   result<void> zero(guest_phys_addr a, std::uint64_t len);
 
   template <class T>
-    requires std::is_trivially_copyable_v<T>
-  result<T> read_object(guest_phys_addr a) const {
+  requires std::is_trivially_copyable_v<T> result<T> read_object(guest_phys_addr a)
+  const {
     T v;
     KILN_TRY(read(a, std::as_writable_bytes(std::span<T, 1>(&v, 1))));
     return v;
   }
   template <class T>
-    requires std::is_trivially_copyable_v<T>
-  result<void> write_object(guest_phys_addr a, const T& v) {
+  requires std::is_trivially_copyable_v<T> result<void> write_object(guest_phys_addr a,
+                                                                     const T& v) {
     return write(a, std::as_bytes(std::span<const T, 1>(&v, 1)));
   }
 

@@ -9,7 +9,9 @@
 
 namespace kiln::memory {
 
-host_mapping::~host_mapping() { reset(); }
+host_mapping::~host_mapping() {
+  reset();
+}
 
 host_mapping::host_mapping(host_mapping&& o) noexcept
     : base_(std::exchange(o.base_, nullptr)), reserved_(std::exchange(o.reserved_, 0)),
@@ -34,22 +36,24 @@ void host_mapping::reset() noexcept {
 }
 
 result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards) {
-  if (size == 0 || !is_aligned(size, page_size)) return error(memory_errc::bad_size, "mapping size");
+  if (size == 0 || !is_aligned(size, page_size))
+    return error(memory_errc::bad_size, "mapping size");
   const std::uint64_t guard = guards ? page_size : 0;
   std::uint64_t reserved = 0;
   if (__builtin_add_overflow(size, 2 * guard, &reserved))
     return error(memory_errc::bad_size, "mapping size overflows");
   // Reserve the whole range inaccessible, then open the middle: the guards stay PROT_NONE.
   // MAP_NORESERVE: guest memory is mostly untouched; only pages the guest writes cost RAM.
-  void* base = ::mmap(nullptr, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
-                      -1, 0);
+  void* base =
+      ::mmap(nullptr, reserved, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   if (base == MAP_FAILED) return errno_error("mmap guest memory");
   host_mapping m;
   m.base_ = base;
   m.reserved_ = reserved;
   m.data_ = static_cast<std::byte*>(base) + guard;
   m.size_ = size;
-  if (::mprotect(m.data_, size, PROT_READ | PROT_WRITE) != 0) return errno_error("mprotect guest memory");
+  if (::mprotect(m.data_, size, PROT_READ | PROT_WRITE) != 0)
+    return errno_error("mprotect guest memory");
   return m;
 }
 

@@ -56,12 +56,12 @@ struct layout_config {
 /// The variable part of the layout, computed from the config and the image's end.
 struct layout {
   std::uint64_t memory_size = 0;
-  guest_phys_addr image_end;   // page-aligned end of the highest loadable segment
-  guest_phys_addr heap_start;  // 2 MiB-aligned
+  guest_phys_addr image_end;  // page-aligned end of the highest loadable segment
+  guest_phys_addr heap_start; // 2 MiB-aligned
   std::uint64_t heap_size = 0;
   guest_phys_addr stack_guard; // the unmapped page below the stack
   guest_phys_addr stack_bottom;
-  guest_phys_addr stack_top;   // == memory_size
+  guest_phys_addr stack_top; // == memory_size
 };
 
 /// Plans the layout; refuses sizes that are unaligned, out of range or do not fit.

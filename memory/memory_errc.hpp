@@ -31,21 +31,36 @@ template <> struct kiln::errc_traits<kiln::memory::memory_errc> {
   static const char* message(kiln::memory::memory_errc e) noexcept {
     using enum kiln::memory::memory_errc;
     switch (e) {
-    case out_of_bounds: return "guest memory access out of bounds";
-    case overlapping_region: return "overlapping memory region";
-    case unaligned: return "address or size not page-aligned";
-    case bad_size: return "bad size";
-    case layout_too_small: return "guest memory too small for the requested layout";
-    case elf_truncated: return "ELF file truncated";
-    case elf_bad_magic: return "not an ELF file";
-    case elf_not_x86_64: return "ELF file is not 64-bit little-endian x86-64";
-    case elf_not_static: return "ELF file is not a static executable";
-    case elf_bad_segment: return "malformed ELF segment";
-    case elf_segment_overlap: return "ELF segments overlap";
-    case elf_segment_outside: return "ELF segment outside the guest image area";
-    case elf_writable_executable: return "ELF segment is both writable and executable";
-    case elf_entry_not_executable: return "ELF entry point is not in an executable segment";
-    case elf_too_large: return "ELF file exceeds size limits";
+    case out_of_bounds:
+      return "guest memory access out of bounds";
+    case overlapping_region:
+      return "overlapping memory region";
+    case unaligned:
+      return "address or size not page-aligned";
+    case bad_size:
+      return "bad size";
+    case layout_too_small:
+      return "guest memory too small for the requested layout";
+    case elf_truncated:
+      return "ELF file truncated";
+    case elf_bad_magic:
+      return "not an ELF file";
+    case elf_not_x86_64:
+      return "ELF file is not 64-bit little-endian x86-64";
+    case elf_not_static:
+      return "ELF file is not a static executable";
+    case elf_bad_segment:
+      return "malformed ELF segment";
+    case elf_segment_overlap:
+      return "ELF segments overlap";
+    case elf_segment_outside:
+      return "ELF segment outside the guest image area";
+    case elf_writable_executable:
+      return "ELF segment is both writable and executable";
+    case elf_entry_not_executable:
+      return "ELF entry point is not in an executable segment";
+    case elf_too_large:
+      return "ELF file exceeds size limits";
     }
     return nullptr;
   }

@@ -7,16 +7,16 @@ namespace kiln {
 
 enum class errc {
   // Guest-caused: the sandbox is poisoned (accepts only restore or destruction).
-  guest_fault = 1,    // a CPU exception in the guest (vector, RIP, CR2 in the detail)
-  stack_overflow,     // the guest ran into the guard page below its stack
-  memory_violation,   // an access to unmapped memory or against a region's protection
-  guest_aborted,      // the guest called abort (code and message in the detail)
-  invalid_port,       // an unknown hypercall port, an `in`, or a wrong access size
-  malformed_message,  // a hypercall record that does not parse (bad length, prefix, tag...)
-  guest_halted,       // the guest executed hlt or triple-faulted (shutdown)
-  unexpected_exit,    // an exit the runtime has no meaning for (MMIO, failed entry...)
-  cancelled,          // the call was cancelled while the guest ran
-  deadline_exceeded,  // the call's deadline passed while the guest ran
+  guest_fault = 1,   // a CPU exception in the guest (vector, RIP, CR2 in the detail)
+  stack_overflow,    // the guest ran into the guard page below its stack
+  memory_violation,  // an access to unmapped memory or against a region's protection
+  guest_aborted,     // the guest called abort (code and message in the detail)
+  invalid_port,      // an unknown hypercall port, an `in`, or a wrong access size
+  malformed_message, // a hypercall record that does not parse (bad length, prefix, tag...)
+  guest_halted,      // the guest executed hlt or triple-faulted (shutdown)
+  unexpected_exit,   // an exit the runtime has no meaning for (MMIO, failed entry...)
+  cancelled,         // the call was cancelled while the guest ran
+  deadline_exceeded, // the call's deadline passed while the guest ran
   // Caller-side: nothing in the sandbox changed.
   poisoned,           // the sandbox was poisoned by an earlier error
   function_not_found, // the guest has no function of that name
@@ -37,23 +37,40 @@ template <> struct kiln::errc_traits<kiln::errc> {
   static const char* message(kiln::errc e) noexcept {
     using enum kiln::errc;
     switch (e) {
-    case guest_fault: return "guest CPU exception";
-    case stack_overflow: return "guest stack overflow";
-    case memory_violation: return "guest memory access violation";
-    case guest_aborted: return "guest aborted";
-    case invalid_port: return "invalid hypercall port or access";
-    case malformed_message: return "malformed hypercall message";
-    case guest_halted: return "guest halted";
-    case unexpected_exit: return "unexpected vCPU exit";
-    case cancelled: return "call cancelled";
-    case deadline_exceeded: return "call deadline exceeded";
-    case poisoned: return "sandbox poisoned by an earlier guest failure";
-    case function_not_found: return "guest function not found";
-    case bad_arguments: return "bad arguments for guest function";
-    case guest_error: return "guest function failed";
-    case result_too_large: return "message too large for the I/O buffer";
-    case not_ready: return "sandbox not ready";
-    case backend_failure: return "vCPU backend failure";
+    case guest_fault:
+      return "guest CPU exception";
+    case stack_overflow:
+      return "guest stack overflow";
+    case memory_violation:
+      return "guest memory access violation";
+    case guest_aborted:
+      return "guest aborted";
+    case invalid_port:
+      return "invalid hypercall port or access";
+    case malformed_message:
+      return "malformed hypercall message";
+    case guest_halted:
+      return "guest halted";
+    case unexpected_exit:
+      return "unexpected vCPU exit";
+    case cancelled:
+      return "call cancelled";
+    case deadline_exceeded:
+      return "call deadline exceeded";
+    case poisoned:
+      return "sandbox poisoned by an earlier guest failure";
+    case function_not_found:
+      return "guest function not found";
+    case bad_arguments:
+      return "bad arguments for guest function";
+    case guest_error:
+      return "guest function failed";
+    case result_too_large:
+      return "message too large for the I/O buffer";
+    case not_ready:
+      return "sandbox not ready";
+    case backend_failure:
+      return "vCPU backend failure";
     }
     return nullptr;
   }

@@ -16,7 +16,8 @@ const host_function* host_functions::find(std::string_view name) const {
   return it == functions_.end() ? nullptr : &it->second;
 }
 
-host_call_outcome host_functions::invoke(std::string_view name, std::span<const value> args) const noexcept {
+host_call_outcome host_functions::invoke(std::string_view name,
+                                         std::span<const value> args) const noexcept {
   host_call_outcome out;
   try {
     const host_function* fn = find(name);

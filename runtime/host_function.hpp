@@ -40,19 +40,29 @@ template <class R, class... A> struct callable_traits<R (*)(A...)> {
   using ret = R;
   using args = std::tuple<std::remove_cvref_t<A>...>;
 };
-template <class R, class C, class... A> struct callable_traits<R (C::*)(A...)> : callable_traits<R (*)(A...)> {};
+template <class R, class C, class... A>
+struct callable_traits<R (C::*)(A...)> : callable_traits<R (*)(A...)> {};
 template <class R, class C, class... A>
 struct callable_traits<R (C::*)(A...) const> : callable_traits<R (*)(A...)> {};
 template <class R, class C, class... A>
 struct callable_traits<R (C::*)(A...) noexcept> : callable_traits<R (*)(A...)> {};
 template <class R, class C, class... A>
 struct callable_traits<R (C::*)(A...) const noexcept> : callable_traits<R (*)(A...)> {};
-template <class R, class... A> struct callable_traits<R (*)(A...) noexcept> : callable_traits<R (*)(A...)> {};
+template <class R, class... A>
+struct callable_traits<R (*)(A...) noexcept> : callable_traits<R (*)(A...)> {};
 
-template <class T> struct unwrap_result { using type = T; static constexpr bool is_result = false; };
-template <class T> struct unwrap_result<result<T>> { using type = T; static constexpr bool is_result = true; };
+template <class T> struct unwrap_result {
+  using type = T;
+  static constexpr bool is_result = false;
+};
+template <class T> struct unwrap_result<result<T>> {
+  using type = T;
+  static constexpr bool is_result = true;
+};
 
-template <class T> value to_value(T&& v) { return value{std::forward<T>(v)}; }
+template <class T> value to_value(T&& v) {
+  return value{std::forward<T>(v)};
+}
 } // namespace detail
 
 /// The set of host functions of a sandbox. Plain data: copy it to give several sandboxes the
@@ -89,8 +99,8 @@ private:
     h.params = {wire_type<A>::value...};
     h.returns = wire_type<plain>::value;
     h.body = [f = std::move(f)](std::span<const value> args) -> result<value> {
-      return call_with(f, args, std::index_sequence_for<A...>{}, static_cast<std::tuple<A...>*>(nullptr),
-                       static_cast<R*>(nullptr));
+      return call_with(f, args, std::index_sequence_for<A...>{},
+                       static_cast<std::tuple<A...>*>(nullptr), static_cast<R*>(nullptr));
     };
     return add_raw(std::move(h));
   }
@@ -104,8 +114,10 @@ private:
     } else if constexpr (detail::unwrap_result<R>::is_result) {
       auto r = f(std::get<A>(args[I])...);
       if (!r) return std::move(r).err();
-      if constexpr (std::is_void_v<typename detail::unwrap_result<R>::type>) return value{};
-      else return value{std::move(r).value()};
+      if constexpr (std::is_void_v<typename detail::unwrap_result<R>::type>)
+        return value{};
+      else
+        return value{std::move(r).value()};
     } else {
       return value{f(std::get<A>(args[I])...)};
     }

@@ -57,9 +57,12 @@ const char* vector_name(std::uint64_t v) {
 
 const char* access_name(vcpu::access_kind a) {
   switch (a) {
-  case vcpu::access_kind::read: return "read";
-  case vcpu::access_kind::write: return "write";
-  case vcpu::access_kind::execute: return "execute";
+  case vcpu::access_kind::read:
+    return "read";
+  case vcpu::access_kind::write:
+    return "write";
+  case vcpu::access_kind::execute:
+    return "execute";
   }
   return "?";
 }
@@ -99,14 +102,17 @@ struct sandbox::impl {
   step host_call(std::uint32_t len);
   step on_log(std::uint32_t len);
   step on_abort(std::uint32_t code);
-  step on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip, std::uint64_t cr2);
+  step on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip,
+                    std::uint64_t cr2);
   result<std::span<const std::byte>> copy_out(std::uint32_t len);
   result<void> write_in(std::span<const std::byte> bytes);
 
   void emit_log(std::string_view line) {
     ++stats.log_lines;
-    if (config.log_sink) config.log_sink(line);
-    else std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
+    if (config.log_sink)
+      config.log_sink(line);
+    else
+      std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
   }
 };
 
@@ -130,8 +136,8 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
                                  config.stack_size, memory::prot_rw, true}));
 
   // System tables (GDT, TSS with the exception stack) and boot info.
-  const auto sys = memory::x86_64::build_system_tables(fixed::system_tables,
-                                                        fixed::ist_stack.value + fixed::ist_stack_size);
+  const auto sys = memory::x86_64::build_system_tables(
+      fixed::system_tables, fixed::ist_stack.value + fixed::ist_stack_size);
   KILN_TRY(mem.write(fixed::system_tables, sys.page));
 
   kiln_boot_info bi{};
@@ -163,8 +169,8 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
   KILN_TRY_ASSIGN(auto tables, memory::x86_64::build_identity_page_tables(
                                    mem, fixed::page_tables, fixed::page_tables_max, nx));
   KILN_TRY(mem.add_region(region{"page_tables", region_kind::page_tables, fixed::page_tables,
-                                 memory::align_up(tables.bytes(), memory::page_size), memory::prot_r,
-                                 false}));
+                                 memory::align_up(tables.bytes(), memory::page_size),
+                                 memory::prot_r, false}));
   KILN_TRY(mem.write(fixed::page_tables, std::as_bytes(std::span(tables.entries))));
 
   KILN_TRY(cpu->map_memory(mem));
@@ -190,8 +196,9 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
 result<std::span<const std::byte>> sandbox::impl::copy_out(std::uint32_t len) {
   // The length comes from the guest: check it against the buffer before touching anything.
   if (len > fixed::io_buffer_size)
-    return error(errc::malformed_message,
-                 fmt::format("record length {:#x} exceeds the {} byte buffer", len, fixed::io_buffer_size));
+    return error(
+        errc::malformed_message,
+        fmt::format("record length {:#x} exceeds the {} byte buffer", len, fixed::io_buffer_size));
   auto dst = std::span<std::byte>(scratch).first(len);
   KILN_TRY(mem.read(fixed::io_out, dst)); // one copy; only the copy is parsed
   return std::span<const std::byte>(dst);
@@ -205,7 +212,8 @@ step sandbox::impl::on_exception(std::uint64_t vector, std::uint64_t error_code,
                                  std::uint64_t cr2) {
   // A page fault in the guard page below the stack is a stack overflow, named as such.
   if (vector == 14 && cr2 >= layout.stack_guard.value && cr2 < layout.stack_bottom.value)
-    return step::failed(error(errc::stack_overflow, fmt::format("at rip {:#x}, cr2 {:#x}", rip, cr2)));
+    return step::failed(
+        error(errc::stack_overflow, fmt::format("at rip {:#x}, cr2 {:#x}", rip, cr2)));
   std::string detail = fmt::format("vector {} {} at rip {:#x}", vector, vector_name(vector), rip);
   if (vector == 14) detail += fmt::format(", address {:#x}", cr2);
   if (error_code) detail += fmt::format(", error code {:#x}", error_code);
@@ -236,8 +244,8 @@ step sandbox::impl::on_abort(std::uint32_t code) {
   if (auto r = mem.read(fixed::io_out + sizeof rec, std::as_writable_bytes(std::span(msg))); !r)
     return step::failed(std::move(r).err());
   const bool truncated = rec.message_len > len;
-  return step::failed(error(errc::guest_aborted,
-                            fmt::format("code {}: {}{}", code, msg, truncated ? " [truncated]" : "")));
+  return step::failed(error(errc::guest_aborted, fmt::format("code {}: {}{}", code, msg,
+                                                             truncated ? " [truncated]" : "")));
 }
 
 step sandbox::impl::host_call(std::uint32_t len) {
@@ -261,10 +269,12 @@ step sandbox::impl::host_call(std::uint32_t len) {
 
 step sandbox::impl::on_hypercall(const vcpu::exits::io_out& io, bool init) {
   if (io.port < KILN_PORT_FIRST || io.port > KILN_PORT_LAST)
-    return step::failed(error(errc::invalid_port, fmt::format("out to unknown port {:#x}", io.port)));
+    return step::failed(
+        error(errc::invalid_port, fmt::format("out to unknown port {:#x}", io.port)));
   if (io.size != 4)
-    return step::failed(error(errc::invalid_port,
-                              fmt::format("{}-byte out to port {:#x} (hypercalls are 4 bytes)", io.size, io.port)));
+    return step::failed(
+        error(errc::invalid_port,
+              fmt::format("{}-byte out to port {:#x} (hypercalls are 4 bytes)", io.size, io.port)));
   switch (static_cast<kiln_port>(io.port)) {
   case KILN_PORT_READY:
     if (!init) return step::failed(error(errc::malformed_message, "ready signalled during a call"));
@@ -276,20 +286,28 @@ step sandbox::impl::on_hypercall(const vcpu::exits::io_out& io, bool init) {
     auto msg = wire::decode(*bytes, KILN_MSG_RESULT);
     if (!msg) return step::failed(std::move(msg).err());
     switch (msg->status) {
-    case KILN_STATUS_OK: return step::finished(std::move(msg->values.front()));
-    case KILN_STATUS_NOT_FOUND: return step::failed(error(errc::function_not_found, msg->error_message));
+    case KILN_STATUS_OK:
+      return step::finished(std::move(msg->values.front()));
+    case KILN_STATUS_NOT_FOUND:
+      return step::failed(error(errc::function_not_found, msg->error_message));
     case KILN_STATUS_ARG_COUNT:
-    case KILN_STATUS_ARG_TYPE: return step::failed(error(errc::bad_arguments, msg->error_message));
-    case KILN_STATUS_TOO_LARGE: return step::failed(error(errc::result_too_large, msg->error_message));
+    case KILN_STATUS_ARG_TYPE:
+      return step::failed(error(errc::bad_arguments, msg->error_message));
+    case KILN_STATUS_TOO_LARGE:
+      return step::failed(error(errc::result_too_large, msg->error_message));
     case KILN_STATUS_FAILED:
     case KILN_STATUS_MALFORMED:
-    case KILN_STATUS_HOST_ERROR: return step::failed(error(errc::guest_error, msg->error_message));
+    case KILN_STATUS_HOST_ERROR:
+      return step::failed(error(errc::guest_error, msg->error_message));
     }
     return step::failed(error(errc::malformed_message, "unknown status"));
   }
-  case KILN_PORT_HOST_CALL: return host_call(io.value);
-  case KILN_PORT_LOG: return on_log(io.value);
-  case KILN_PORT_ABORT: return on_abort(io.value);
+  case KILN_PORT_HOST_CALL:
+    return host_call(io.value);
+  case KILN_PORT_LOG:
+    return on_log(io.value);
+  case KILN_PORT_ABORT:
+    return on_abort(io.value);
   case KILN_PORT_EXCEPTION: {
     auto rec = mem.read_object<kiln_exception_record>(fixed::io_out);
     if (!rec) return step::failed(std::move(rec).err());
@@ -315,26 +333,34 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
       return step::failed(error(errc::guest_halted, fmt::format("hlt at rip {:#x}", h.rip)));
     }
     step operator()(const mmio& m) const {
-      return step::failed(error(errc::memory_violation,
-                                fmt::format("{} of unbacked guest-physical {:#x}", m.write ? "write" : "read", m.gpa)));
+      return step::failed(
+          error(errc::memory_violation, fmt::format("{} of unbacked guest-physical {:#x}",
+                                                    m.write ? "write" : "read", m.gpa)));
     }
-    step operator()(const exception& x) const { return self.on_exception(x.vector, x.error_code, x.rip, x.cr2); }
+    step operator()(const exception& x) const {
+      return self.on_exception(x.vector, x.error_code, x.rip, x.cr2);
+    }
     step operator()(const memory_fault& f) const {
       if (f.address >= self.layout.stack_guard.value && f.address < self.layout.stack_bottom.value)
-        return step::failed(error(errc::stack_overflow, fmt::format("at rip {:#x}, address {:#x}", f.rip, f.address)));
-      return step::failed(error(errc::memory_violation,
-                                fmt::format("{} {} address {:#x} at rip {:#x}", access_name(f.access),
-                                            f.unmapped ? "of unmapped" : "forbidden at", f.address, f.rip)));
+        return step::failed(error(errc::stack_overflow,
+                                  fmt::format("at rip {:#x}, address {:#x}", f.rip, f.address)));
+      return step::failed(
+          error(errc::memory_violation,
+                fmt::format("{} {} address {:#x} at rip {:#x}", access_name(f.access),
+                            f.unmapped ? "of unmapped" : "forbidden at", f.address, f.rip)));
     }
     step operator()(const shutdown& s) const {
-      return step::failed(error(errc::guest_halted, fmt::format("triple fault (shutdown) near rip {:#x}", s.rip)));
+      return step::failed(
+          error(errc::guest_halted, fmt::format("triple fault (shutdown) near rip {:#x}", s.rip)));
     }
     step operator()(const fail_entry& f) const {
-      return step::failed(error(errc::unexpected_exit, fmt::format("VM entry failed, reason {:#x}", f.reason)));
+      return step::failed(
+          error(errc::unexpected_exit, fmt::format("VM entry failed, reason {:#x}", f.reason)));
     }
     step operator()(const cancelled&) const { return step::failed(error(errc::cancelled)); }
     step operator()(const internal_error& i) const {
-      return step::failed(error(errc::unexpected_exit, fmt::format("{} at rip {:#x}", i.what, i.rip)));
+      return step::failed(
+          error(errc::unexpected_exit, fmt::format("{} at rip {:#x}", i.what, i.rip)));
     }
   };
   ++stats.exits;
@@ -348,8 +374,10 @@ result<value> sandbox::impl::run_until(bool init) {
     const vcpu::exit e = cpu->run();
     step s = on_exit(e, init);
     switch (s.kind) {
-    case step::resume: continue;
-    case step::done: return std::move(s.result);
+    case step::resume:
+      continue;
+    case step::done:
+      return std::move(s.result);
     case step::fail: {
       const auto* code = s.err.code.category() == category_of<errc>() ? &s.err.code : nullptr;
       if (!code || poisons(static_cast<errc>(code->value()))) {
@@ -365,14 +393,17 @@ result<value> sandbox::impl::run_until(bool init) {
 sandbox::sandbox(std::unique_ptr<impl> p) : impl_(std::move(p)) {}
 sandbox::~sandbox() = default;
 
-result<std::unique_ptr<sandbox>> sandbox::create(const sandbox_config& config, host_functions functions) {
+result<std::unique_ptr<sandbox>> sandbox::create(const sandbox_config& config,
+                                                 host_functions functions) {
   const auto t0 = std::chrono::steady_clock::now();
   KILN_TRY_ASSIGN(auto kind, vcpu::resolve(config.backend));
   memory::layout_config lc{config.memory_size, config.heap_size, config.stack_size};
   if (config.memory_size < fixed::min_memory || config.stack_size >= config.memory_size)
-    return error(memory::memory_errc::bad_size, "memory size must be at least 4 MiB and above the stack size");
+    return error(memory::memory_errc::bad_size,
+                 "memory size must be at least 4 MiB and above the stack size");
   const guest_phys_addr image_limit{config.memory_size - config.stack_size - memory::page_size};
-  KILN_TRY_ASSIGN(auto image, memory::read_elf_file(config.guest_path, fixed::image_base, image_limit));
+  KILN_TRY_ASSIGN(auto image,
+                  memory::read_elf_file(config.guest_path, fixed::image_base, image_limit));
   KILN_TRY_ASSIGN(auto layout, memory::plan_layout(lc, image.end));
   KILN_TRY_ASSIGN(auto mem, memory::guest_memory::create(config.memory_size));
   auto p = std::make_unique<impl>(config, std::move(functions), std::move(mem));
@@ -398,10 +429,18 @@ result<value> sandbox::call(std::string_view name, std::span<const value> args) 
   return r;
 }
 
-void sandbox::kick() noexcept { impl_->cpu->kick(); }
-bool sandbox::poisoned() const noexcept { return impl_->is_poisoned; }
-const error& sandbox::poison_reason() const noexcept { return impl_->poison; }
-vcpu::backend_kind sandbox::backend() const noexcept { return impl_->cpu->kind(); }
+void sandbox::kick() noexcept {
+  impl_->cpu->kick();
+}
+bool sandbox::poisoned() const noexcept {
+  return impl_->is_poisoned;
+}
+const error& sandbox::poison_reason() const noexcept {
+  return impl_->poison;
+}
+vcpu::backend_kind sandbox::backend() const noexcept {
+  return impl_->cpu->kind();
+}
 
 sandbox_stats sandbox::stats() const noexcept {
   sandbox_stats s = impl_->stats;

@@ -21,12 +21,12 @@ namespace kiln {
 
 /// Plain configuration of a sandbox.
 struct sandbox_config {
-  std::string guest_path;                 // the guest ELF
+  std::string guest_path;                  // the guest ELF
   std::uint64_t memory_size = 16ull << 20; // multiple of 2 MiB, 4 MiB..64 GiB
-  std::uint64_t heap_size = 0;            // 0: all memory between image and stack
+  std::uint64_t heap_size = 0;             // 0: all memory between image and stack
   std::uint64_t stack_size = 256ull << 10;
   vcpu::backend_choice backend = vcpu::backend_choice::automatic;
-  std::string cmdline;                    // given to the guest through boot info
+  std::string cmdline; // given to the guest through boot info
   /// Receives the guest's log lines. Default: written to stderr as "[guest] ...".
   std::function<void(std::string_view)> log_sink;
   /// Bytes of guest log accepted per call (and during init); the rest is dropped and counted.
@@ -35,13 +35,13 @@ struct sandbox_config {
 
 /// What a sandbox counted about itself.
 struct sandbox_stats {
-  std::chrono::nanoseconds create_time{};   // create(): memory, load, vCPU, guest init
+  std::chrono::nanoseconds create_time{}; // create(): memory, load, vCPU, guest init
   std::chrono::nanoseconds last_call_time{};
   std::uint64_t calls = 0;
   std::uint64_t host_calls = 0;
   std::uint64_t exits = 0;
-  std::uint64_t exits_io = 0;      // hypercalls (port I/O)
-  std::uint64_t exits_other = 0;   // faults, halts, cancellations...
+  std::uint64_t exits_io = 0;    // hypercalls (port I/O)
+  std::uint64_t exits_other = 0; // faults, halts, cancellations...
   std::uint64_t log_lines = 0;
   std::uint64_t log_bytes_dropped = 0;
   vcpu::vcpu_stats vcpu;
@@ -72,8 +72,8 @@ public:
 
   /// Convenience: call("add", 2, 3) or call("concat", std::string("a"), std::string("b")).
   template <class... A>
-    requires(std::is_constructible_v<value, A> && ...)
-  result<value> call(std::string_view name, A&&... args) {
+  requires(std::is_constructible_v<value, A>&&...) result<value> call(std::string_view name,
+                                                                      A&&... args) {
     const value a[] = {value{std::forward<A>(args)}..., value{}};
     return call(name, std::span<const value>(a, sizeof...(A)));
   }

@@ -11,14 +11,22 @@ namespace kiln {
 
 const char* type_name(kiln_type t) noexcept {
   switch (t) {
-  case KILN_TYPE_VOID: return "void";
-  case KILN_TYPE_I32: return "i32";
-  case KILN_TYPE_I64: return "i64";
-  case KILN_TYPE_U64: return "u64";
-  case KILN_TYPE_F64: return "f64";
-  case KILN_TYPE_BOOL: return "bool";
-  case KILN_TYPE_STRING: return "string";
-  case KILN_TYPE_BYTES: return "bytes";
+  case KILN_TYPE_VOID:
+    return "void";
+  case KILN_TYPE_I32:
+    return "i32";
+  case KILN_TYPE_I64:
+    return "i64";
+  case KILN_TYPE_U64:
+    return "u64";
+  case KILN_TYPE_F64:
+    return "f64";
+  case KILN_TYPE_BOOL:
+    return "bool";
+  case KILN_TYPE_STRING:
+    return "string";
+  case KILN_TYPE_BYTES:
+    return "bytes";
   }
   return "unknown";
 }
@@ -34,7 +42,8 @@ std::string to_string(const value& v) {
     std::string operator()(const std::string& s) const { return s; }
     std::string operator()(const bytes& b) const {
       std::string out = "0x";
-      for (std::byte c : b) out += fmt::format("{:02x}", static_cast<unsigned>(c));
+      for (std::byte c : b)
+        out += fmt::format("{:02x}", static_cast<unsigned>(c));
       return out;
     }
   };
@@ -52,7 +61,8 @@ template <class T> result<value> parse_int(std::string_view full, std::string_vi
   T v{};
   auto [end, ec] = std::from_chars(digits.data(), digits.data() + digits.size(), v, 10);
   if (ec == std::errc::result_out_of_range)
-    return error(std::make_error_code(std::errc::result_out_of_range), fmt::format("'{}': out of range", full));
+    return error(std::make_error_code(std::errc::result_out_of_range),
+                 fmt::format("'{}': out of range", full));
   if (ec != std::errc{} || end != digits.data() + digits.size() || digits.empty())
     return bad_value(full, "not an integer");
   return value{v};
@@ -66,7 +76,8 @@ result<value> parse_f64(std::string_view full, std::string_view digits) {
   const double d = std::strtod(s.c_str(), &end);
   if (end != s.c_str() + s.size()) return bad_value(full, "not a number");
   if (errno == ERANGE)
-    return error(std::make_error_code(std::errc::result_out_of_range), fmt::format("'{}': out of range", full));
+    return error(std::make_error_code(std::errc::result_out_of_range),
+                 fmt::format("'{}': out of range", full));
   return value{d};
 }
 

@@ -25,7 +25,9 @@ static_assert(std::variant_size_v<value> == KILN_TYPE_LAST + 1);
 static_assert(std::is_same_v<std::variant_alternative_t<KILN_TYPE_I32, value>, std::int32_t>);
 static_assert(std::is_same_v<std::variant_alternative_t<KILN_TYPE_BYTES, value>, bytes>);
 
-inline kiln_type type_of(const value& v) noexcept { return static_cast<kiln_type>(v.index()); }
+inline kiln_type type_of(const value& v) noexcept {
+  return static_cast<kiln_type>(v.index());
+}
 
 /// "i32", "string", ... for messages.
 const char* type_name(kiln_type t) noexcept;

@@ -25,13 +25,20 @@ public:
   bool put_value(const value& v) {
     const auto tag = static_cast<std::uint8_t>(v.index());
     switch (type_of(v)) {
-    case KILN_TYPE_VOID: return put(tag);
-    case KILN_TYPE_I32: return put(tag) && put(std::get<std::int32_t>(v));
-    case KILN_TYPE_I64: return put(tag) && put(std::get<std::int64_t>(v));
-    case KILN_TYPE_U64: return put(tag) && put(std::get<std::uint64_t>(v));
-    case KILN_TYPE_F64: return put(tag) && put(std::get<double>(v));
-    case KILN_TYPE_BOOL: return put(tag) && put(static_cast<std::uint8_t>(std::get<bool>(v)));
-    case KILN_TYPE_STRING: return put_blob(tag, std::get<std::string>(v));
+    case KILN_TYPE_VOID:
+      return put(tag);
+    case KILN_TYPE_I32:
+      return put(tag) && put(std::get<std::int32_t>(v));
+    case KILN_TYPE_I64:
+      return put(tag) && put(std::get<std::int64_t>(v));
+    case KILN_TYPE_U64:
+      return put(tag) && put(std::get<std::uint64_t>(v));
+    case KILN_TYPE_F64:
+      return put(tag) && put(std::get<double>(v));
+    case KILN_TYPE_BOOL:
+      return put(tag) && put(static_cast<std::uint8_t>(std::get<bool>(v)));
+    case KILN_TYPE_STRING:
+      return put_blob(tag, std::get<std::string>(v));
     case KILN_TYPE_BYTES: {
       const auto& b = std::get<bytes>(v);
       return put_blob(tag, std::string_view(reinterpret_cast<const char*>(b.data()), b.size()));
@@ -64,11 +71,16 @@ public:
     std::uint8_t tag = 0;
     if (!get(tag)) return bad("truncated value tag");
     switch (tag) {
-    case KILN_TYPE_VOID: return value{};
-    case KILN_TYPE_I32: return get_scalar<std::int32_t>();
-    case KILN_TYPE_I64: return get_scalar<std::int64_t>();
-    case KILN_TYPE_U64: return get_scalar<std::uint64_t>();
-    case KILN_TYPE_F64: return get_scalar<double>();
+    case KILN_TYPE_VOID:
+      return value{};
+    case KILN_TYPE_I32:
+      return get_scalar<std::int32_t>();
+    case KILN_TYPE_I64:
+      return get_scalar<std::int64_t>();
+    case KILN_TYPE_U64:
+      return get_scalar<std::uint64_t>();
+    case KILN_TYPE_F64:
+      return get_scalar<double>();
     case KILN_TYPE_BOOL: {
       std::uint8_t b = 0;
       if (!get(b)) return bad("truncated bool");
@@ -89,7 +101,8 @@ public:
       pos_ += len;
       return v;
     }
-    default: return bad("unknown type tag " + std::to_string(tag));
+    default:
+      return bad("unknown type tag " + std::to_string(tag));
     }
   }
 
@@ -123,7 +136,8 @@ result<std::size_t> encode_call(std::span<std::byte> out, kiln_msg_kind kind, st
   writer w(out);
   w.put(kiln_msg_header{});
   w.put_blob(KILN_TYPE_STRING, name);
-  for (const auto& a : args) w.put_value(a);
+  for (const auto& a : args)
+    w.put_value(a);
   return finish(w, kind, static_cast<std::uint16_t>(args.size()), KILN_STATUS_OK);
 }
 
@@ -136,7 +150,8 @@ result<std::size_t> encode_result(std::span<std::byte> out, kiln_msg_kind kind, 
 
 result<std::size_t> encode_error(std::span<std::byte> out, kiln_msg_kind kind, kiln_status status,
                                  std::string_view message) {
-  const std::size_t room = out.size() > sizeof(kiln_msg_header) + 5 ? out.size() - sizeof(kiln_msg_header) - 5 : 0;
+  const std::size_t room =
+      out.size() > sizeof(kiln_msg_header) + 5 ? out.size() - sizeof(kiln_msg_header) - 5 : 0;
   writer w(out);
   w.put(kiln_msg_header{});
   w.put_blob(KILN_TYPE_STRING, message.substr(0, room));
@@ -149,7 +164,8 @@ result<message> decode(std::span<const std::byte> in, kiln_msg_kind expected) {
   if (!r.get(h)) return reader::bad("shorter than a message header");
   if (h.magic != KILN_MSG_MAGIC) return reader::bad("bad message magic");
   if (h.kind != expected)
-    return reader::bad("message kind " + std::to_string(h.kind) + ", expected " + std::to_string(expected));
+    return reader::bad("message kind " + std::to_string(h.kind) + ", expected " +
+                       std::to_string(expected));
   if (h.size != r.remaining())
     return reader::bad("header says " + std::to_string(h.size) + " payload bytes, record has " +
                        std::to_string(r.remaining()));
@@ -158,7 +174,8 @@ result<message> decode(std::span<const std::byte> in, kiln_msg_kind expected) {
   if (expected == KILN_MSG_CALL || expected == KILN_MSG_HOST_CALL) {
     if (h.count > KILN_MAX_ARGS) return reader::bad("argument count " + std::to_string(h.count));
     KILN_TRY_ASSIGN(value name, r.get_value());
-    if (!std::holds_alternative<std::string>(name)) return reader::bad("function name is not a string");
+    if (!std::holds_alternative<std::string>(name))
+      return reader::bad("function name is not a string");
     m.name = std::move(std::get<std::string>(name));
     if (m.name.size() > KILN_MAX_NAME) return reader::bad("function name too long");
     m.values.reserve(h.count);
@@ -167,13 +184,15 @@ result<message> decode(std::span<const std::byte> in, kiln_msg_kind expected) {
       m.values.push_back(std::move(v));
     }
   } else {
-    if (h.status > KILN_STATUS_LAST) return reader::bad("unknown status " + std::to_string(h.status));
+    if (h.status > KILN_STATUS_LAST)
+      return reader::bad("unknown status " + std::to_string(h.status));
     m.status = static_cast<kiln_status>(h.status);
     KILN_TRY_ASSIGN(value v, r.get_value());
     if (m.status == KILN_STATUS_OK) {
       m.values.push_back(std::move(v));
     } else {
-      if (!std::holds_alternative<std::string>(v)) return reader::bad("error message is not a string");
+      if (!std::holds_alternative<std::string>(v))
+        return reader::bad("error message is not a string");
       m.error_message = std::move(std::get<std::string>(v));
     }
   }

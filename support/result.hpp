@@ -19,8 +19,8 @@ struct error {
   error() = default;
   error(std::error_code c, std::string d = {}) : code(c), detail(std::move(d)) {}
   template <class E>
-    requires std::is_error_code_enum_v<E>
-  error(E e, std::string d = {}) : code(make_error_code(e)), detail(std::move(d)) {}
+  requires std::is_error_code_enum_v<E> error(E e, std::string d = {})
+      : code(make_error_code(e)), detail(std::move(d)) {}
 
   /// "<category message>: <detail>", or just the message when there is no detail.
   std::string message() const {
@@ -41,8 +41,7 @@ public:
   result(T value) : v_(std::in_place_index<0>, std::move(value)) {}
   result(error e) : v_(std::in_place_index<1>, std::move(e)) {}
   template <class E>
-    requires std::is_error_code_enum_v<E>
-  result(E e) : v_(std::in_place_index<1>, error(e)) {}
+  requires std::is_error_code_enum_v<E> result(E e) : v_(std::in_place_index<1>, error(e)) {}
 
   bool has_value() const noexcept { return v_.index() == 0; }
   explicit operator bool() const noexcept { return has_value(); }
@@ -69,8 +68,7 @@ public:
   result() = default;
   result(error e) : e_(std::move(e)), failed_(true) {}
   template <class E>
-    requires std::is_error_code_enum_v<E>
-  result(E e) : e_(error(e)), failed_(true) {}
+  requires std::is_error_code_enum_v<E> result(E e) : e_(error(e)), failed_(true) {}
 
   bool has_value() const noexcept { return !failed_; }
   explicit operator bool() const noexcept { return !failed_; }
@@ -84,23 +82,24 @@ private:
   bool failed_ = false;
 };
 
-inline result<void> ok() { return {}; }
+inline result<void> ok() {
+  return {};
+}
 
 } // namespace kiln
 
 /// Evaluates `expr` (a result); on error, returns the error from the enclosing function.
 #define KILN_TRY(expr)                                                                             \
   do {                                                                                             \
-    if (auto&& kiln_try_r_ = (expr); !kiln_try_r_)                                                 \
-      return std::move(kiln_try_r_).err();                                                         \
+    if (auto&& kiln_try_r_ = (expr); !kiln_try_r_) return std::move(kiln_try_r_).err();            \
   } while (0)
 
 /// `KILN_TRY_ASSIGN(auto x, expr);` declares x from a result's value or returns its error.
 #define KILN_TRY_ASSIGN_IMPL(tmp, decl, expr)                                                      \
   auto tmp = (expr);                                                                               \
-  if (!tmp)                                                                                        \
-    return std::move(tmp).err();                                                                   \
+  if (!tmp) return std::move(tmp).err();                                                           \
   decl = std::move(tmp).value()
 #define KILN_CONCAT2(a, b) a##b
 #define KILN_CONCAT(a, b) KILN_CONCAT2(a, b)
-#define KILN_TRY_ASSIGN(decl, expr) KILN_TRY_ASSIGN_IMPL(KILN_CONCAT(kiln_try_, __LINE__), decl, expr)
+#define KILN_TRY_ASSIGN(decl, expr)                                                                \
+  KILN_TRY_ASSIGN_IMPL(KILN_CONCAT(kiln_try_, __LINE__), decl, expr)

@@ -14,13 +14,27 @@ namespace {
 // "16M", "64MiB", "1G", "4096" -> bytes.
 std::optional<std::uint64_t> parse_size(std::string s) {
   std::uint64_t mult = 1;
-  while (!s.empty() && (s.back() == 'B' || s.back() == 'i' || s.back() == 'b')) s.pop_back();
+  while (!s.empty() && (s.back() == 'B' || s.back() == 'i' || s.back() == 'b'))
+    s.pop_back();
   if (!s.empty()) {
     switch (s.back()) {
-    case 'k': case 'K': mult = 1ull << 10; s.pop_back(); break;
-    case 'm': case 'M': mult = 1ull << 20; s.pop_back(); break;
-    case 'g': case 'G': mult = 1ull << 30; s.pop_back(); break;
-    default: break;
+    case 'k':
+    case 'K':
+      mult = 1ull << 10;
+      s.pop_back();
+      break;
+    case 'm':
+    case 'M':
+      mult = 1ull << 20;
+      s.pop_back();
+      break;
+    case 'g':
+    case 'G':
+      mult = 1ull << 30;
+      s.pop_back();
+      break;
+    default:
+      break;
     }
   }
   if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
@@ -36,11 +50,14 @@ std::optional<std::uint64_t> parse_size(std::string s) {
 int cmd_backends() {
   for (auto k : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
     const auto st = kiln::vcpu::probe(k);
-    fmt::print("{:<9} {:<10} {}\n", kiln::vcpu::to_string(k), st.usable ? "usable" : "unusable", st.reason);
+    fmt::print("{:<9} {:<10} {}\n", kiln::vcpu::to_string(k), st.usable ? "usable" : "unusable",
+               st.reason);
   }
   auto chosen = kiln::vcpu::resolve(kiln::vcpu::backend_choice::automatic);
-  if (chosen) fmt::print("auto      -> {}\n", kiln::vcpu::to_string(*chosen));
-  else fmt::print("auto      -> none: {}\n", chosen.err().message());
+  if (chosen)
+    fmt::print("auto      -> {}\n", kiln::vcpu::to_string(*chosen));
+  else
+    fmt::print("auto      -> none: {}\n", chosen.err().message());
   return 0;
 }
 
@@ -92,17 +109,20 @@ int cmd_run(const run_options& o) {
   }
   auto r = (*sb)->call(o.function, args);
   const int rc = r ? 0 : 1;
-  if (r) fmt::print("{}\n", kiln::to_string(*r));
-  else fmt::print(stderr, "kiln: {} failed: {}\n", o.function, r.err().message());
+  if (r)
+    fmt::print("{}\n", kiln::to_string(*r));
+  else
+    fmt::print(stderr, "kiln: {} failed: {}\n", o.function, r.err().message());
   std::fflush(stdout);
   if (o.stats) {
     const auto s = (*sb)->stats();
-    fmt::print(stderr,
-               "backend: {}\ncreate: {:.1f} us\ncall: {:.1f} us\nexits: {} ({} hypercalls, {} other)\n"
-               "host calls: {}\nvcpu runs: {}, memory map calls: {}\n",
-               kiln::vcpu::to_string((*sb)->backend()), s.create_time.count() / 1e3,
-               s.last_call_time.count() / 1e3, s.exits, s.exits_io, s.exits_other, s.host_calls,
-               s.vcpu.runs, s.vcpu.map_calls);
+    fmt::print(
+        stderr,
+        "backend: {}\ncreate: {:.1f} us\ncall: {:.1f} us\nexits: {} ({} hypercalls, {} other)\n"
+        "host calls: {}\nvcpu runs: {}, memory map calls: {}\n",
+        kiln::vcpu::to_string((*sb)->backend()), s.create_time.count() / 1e3,
+        s.last_call_time.count() / 1e3, s.exits, s.exits_io, s.exits_other, s.host_calls,
+        s.vcpu.runs, s.vcpu.map_calls);
   }
   return rc;
 }
@@ -112,14 +132,16 @@ int cmd_run(const run_options& o) {
 int main(int argc, char** argv) {
   CLI::App app{"kiln: micro-VM sandboxes for untrusted code"};
   app.require_subcommand(1);
-  auto* backends = app.add_subcommand("backends", "List the vCPU backends and whether each is usable here");
+  auto* backends =
+      app.add_subcommand("backends", "List the vCPU backends and whether each is usable here");
   run_options ro;
   auto* run = app.add_subcommand("run", "Run one function of a guest and print its result");
   run->add_option("guest", ro.guest, "Guest ELF file")->required()->check(CLI::ExistingFile);
   run->add_option("function", ro.function, "Guest function name")->required();
   run->add_option("args", ro.args,
                   "Arguments: 5 (i32), 5:i64, 5:u64, 2.5 (f64), true, str:text, hex:0a0b");
-  run->add_option("--backend", ro.backend, "auto, kvm or emulated (default auto; KILN_BACKEND too)");
+  run->add_option("--backend", ro.backend,
+                  "auto, kvm or emulated (default auto; KILN_BACKEND too)");
   run->add_option("--memory", ro.memory, "Guest memory size (default 16M)");
   run->add_option("--stack", ro.stack, "Guest stack size (default 256K)");
   run->add_flag("--stats", ro.stats, "Print create time, call time and exits to stderr");

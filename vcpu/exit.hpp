@@ -66,8 +66,8 @@ struct internal_error {
 } // namespace exits
 
 using exit = std::variant<exits::io_out, exits::io_in, exits::halt, exits::mmio, exits::exception,
-                          exits::memory_fault, exits::shutdown, exits::fail_entry,
-                          exits::cancelled, exits::internal_error>;
+                          exits::memory_fault, exits::shutdown, exits::fail_entry, exits::cancelled,
+                          exits::internal_error>;
 
 /// A short human name for an exit's kind ("io_out", "exception", ...).
 const char* exit_name(const exit& e) noexcept;

@@ -20,10 +20,10 @@ struct segment {
   std::uint8_t type = 0; // descriptor type field (4 bits)
   bool present = false;
   std::uint8_t dpl = 0;
-  bool db = false;  // default operand size (0 in 64-bit code)
-  bool s = false;   // code/data (true) or system (false)
-  bool l = false;   // 64-bit code
-  bool g = false;   // limit in 4 KiB units
+  bool db = false; // default operand size (0 in 64-bit code)
+  bool s = false;  // code/data (true) or system (false)
+  bool l = false;  // 64-bit code
+  bool g = false;  // limit in 4 KiB units
   bool avl = false;
   bool unusable = false;
   bool operator==(const segment&) const = default;

@@ -10,8 +10,10 @@ namespace kiln::vcpu {
 
 const char* to_string(backend_kind k) noexcept {
   switch (k) {
-  case backend_kind::kvm: return "kvm";
-  case backend_kind::emulated: return "emulated";
+  case backend_kind::kvm:
+    return "kvm";
+  case backend_kind::emulated:
+    return "emulated";
   }
   return "?";
 }
@@ -28,8 +30,10 @@ backend_status probe(backend_kind kind) {
   static const backend_status kvm_status = kvm::probe();
   static const backend_status emulated_status = emulated::probe();
   switch (kind) {
-  case backend_kind::kvm: return kvm_status;
-  case backend_kind::emulated: return emulated_status;
+  case backend_kind::kvm:
+    return kvm_status;
+  case backend_kind::emulated:
+    return emulated_status;
   }
   return {kind, false, "unknown backend"};
 }
@@ -42,12 +46,15 @@ result<backend_kind> resolve(backend_choice choice) {
   }
   auto require = [](backend_kind k) -> result<backend_kind> {
     auto st = probe(k);
-    if (!st.usable) return error(vcpu_errc::backend_unavailable, std::string(to_string(k)) + ": " + st.reason);
+    if (!st.usable)
+      return error(vcpu_errc::backend_unavailable, std::string(to_string(k)) + ": " + st.reason);
     return k;
   };
   switch (choice) {
-  case backend_choice::kvm: return require(backend_kind::kvm);
-  case backend_choice::emulated: return require(backend_kind::emulated);
+  case backend_choice::kvm:
+    return require(backend_kind::kvm);
+  case backend_choice::emulated:
+    return require(backend_kind::emulated);
   case backend_choice::automatic:
     if (probe(backend_kind::kvm).usable) return backend_kind::kvm;
     return require(backend_kind::emulated);
@@ -57,8 +64,10 @@ result<backend_kind> resolve(backend_choice choice) {
 
 result<std::unique_ptr<vcpu>> create(backend_kind kind) {
   switch (kind) {
-  case backend_kind::kvm: return kvm::create();
-  case backend_kind::emulated: return emulated::create();
+  case backend_kind::kvm:
+    return kvm::create();
+  case backend_kind::emulated:
+    return emulated::create();
   }
   return error(vcpu_errc::unknown_backend);
 }

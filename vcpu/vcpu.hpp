@@ -36,10 +36,10 @@ result<backend_kind> resolve(backend_choice choice);
 
 /// Counters a backend keeps about its own work.
 struct vcpu_stats {
-  std::uint64_t runs = 0;          // run() calls
-  std::uint64_t exits = 0;         // exits returned
-  std::uint64_t kicks = 0;         // kick() calls
-  std::uint64_t map_calls = 0;     // memory mapping calls issued to the hypervisor or engine
+  std::uint64_t runs = 0;      // run() calls
+  std::uint64_t exits = 0;     // exits returned
+  std::uint64_t kicks = 0;     // kick() calls
+  std::uint64_t map_calls = 0; // memory mapping calls issued to the hypervisor or engine
   std::uint64_t code_invalidations = 0;
 };
 

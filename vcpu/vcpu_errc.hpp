@@ -22,13 +22,20 @@ template <> struct kiln::errc_traits<kiln::vcpu::vcpu_errc> {
   static const char* message(kiln::vcpu::vcpu_errc e) noexcept {
     using enum kiln::vcpu::vcpu_errc;
     switch (e) {
-    case backend_unavailable: return "backend unavailable";
-    case unknown_backend: return "unknown backend";
-    case kvm_api_mismatch: return "KVM API mismatch";
-    case create_failed: return "vCPU creation failed";
-    case map_failed: return "memory mapping into the vCPU failed";
-    case register_access: return "register access failed";
-    case run_failed: return "vCPU run failed";
+    case backend_unavailable:
+      return "backend unavailable";
+    case unknown_backend:
+      return "unknown backend";
+    case kvm_api_mismatch:
+      return "KVM API mismatch";
+    case create_failed:
+      return "vCPU creation failed";
+    case map_failed:
+      return "memory mapping into the vCPU failed";
+    case register_access:
+      return "register access failed";
+    case run_failed:
+      return "vCPU run failed";
     }
     return nullptr;
   }

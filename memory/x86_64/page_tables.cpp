@@ -41,7 +41,7 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
   img.entries.assign(fixed_tables * entries_per_table, 0);
   auto table_addr = [&](std::uint64_t index) { return base.value + index * page_size; };
   const std::uint64_t upper = pte_present | pte_write | pte_accessed;
-  img.entries[0] = table_addr(1) | upper;  // PML4[0] -> PDPT
+  img.entries[0] = table_addr(1) | upper; // PML4[0] -> PDPT
   for (std::uint64_t g = 0; g < pd_count; ++g)
     img.entries[entries_per_table + g] = table_addr(2 + g) | upper; // PDPT[g] -> PD g
 
@@ -49,7 +49,8 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
   std::size_t first = 0;
   for (std::uint64_t chunk = 0; chunk < mem_size; chunk += large_page_size) {
     const std::uint64_t chunk_end = chunk + large_page_size;
-    while (first < visible.size() && visible[first]->end().value <= chunk) ++first;
+    while (first < visible.size() && visible[first]->end().value <= chunk)
+      ++first;
     if (first == visible.size()) break;
     if (visible[first]->start.value >= chunk_end) continue; // nothing in this chunk
     // An index, not a reference: adding a page table below reallocates the vector.
@@ -71,7 +72,8 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
       const std::uint64_t lo = std::max(r.start.value, chunk);
       const std::uint64_t hi = std::min(r.end().value, chunk_end);
       for (std::uint64_t p = lo; p < hi; p += page_size) {
-        img.entries[pt_index * entries_per_table + (p - chunk) / page_size] = p | leaf_bits(r, use_nx);
+        img.entries[pt_index * entries_per_table + (p - chunk) / page_size] =
+            p | leaf_bits(r, use_nx);
         ++img.small_pages;
       }
     }

@@ -41,8 +41,8 @@ system_tables build_system_tables(guest_phys_addr page, std::uint64_t ist1_top) 
   // 64-bit TSS descriptor (16 bytes): type 0xb (busy: KVM loads TR from sregs, the CPU never
   // runs LTR, and a busy type is what a loaded TR holds), P=1.
   const std::uint64_t b = t.tss_base.value;
-  gdt[KILN_GDT_TSS / 8] = (t.tss_limit & 0xffffull) | ((b & 0xffffffull) << 16) |
-                          (0x8bull << 40) | ((b >> 24 & 0xffull) << 56);
+  gdt[KILN_GDT_TSS / 8] = (t.tss_limit & 0xffffull) | ((b & 0xffffffull) << 16) | (0x8bull << 40) |
+                          ((b >> 24 & 0xffull) << 56);
   gdt[KILN_GDT_TSS / 8 + 1] = b >> 32;
   t.gdt_limit = sizeof gdt - 1;
   std::memcpy(t.page.data() + fixed::gdt_offset, gdt, sizeof gdt);

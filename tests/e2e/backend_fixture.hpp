@@ -13,7 +13,8 @@ namespace kiln::test {
 /// Each end-to-end test binary is built once per backend (KILN_TEST_BACKEND is kvm or
 /// emulated); the KVM build carries the CTest label `kvm` and skips without /dev/kvm.
 inline vcpu::backend_kind backend_under_test() {
-  return std::string(KILN_TEST_BACKEND) == "kvm" ? vcpu::backend_kind::kvm : vcpu::backend_kind::emulated;
+  return std::string(KILN_TEST_BACKEND) == "kvm" ? vcpu::backend_kind::kvm
+                                                 : vcpu::backend_kind::emulated;
 }
 
 inline std::string guest_path(const std::string& name) {
@@ -25,14 +26,15 @@ protected:
   void SetUp() override {
     const auto st = vcpu::probe(backend_under_test());
     if (!st.usable)
-      GTEST_SKIP() << vcpu::to_string(backend_under_test()) << " backend unusable here: " << st.reason;
+      GTEST_SKIP() << vcpu::to_string(backend_under_test())
+                   << " backend unusable here: " << st.reason;
   }
 
   sandbox_config config_for(const std::string& guest) const {
     sandbox_config c;
     c.guest_path = guest_path(guest);
     c.backend = backend_under_test() == vcpu::backend_kind::kvm ? vcpu::backend_choice::kvm
-                                                                 : vcpu::backend_choice::emulated;
+                                                                : vcpu::backend_choice::emulated;
     c.log_sink = [this](std::string_view line) { log_.emplace_back(line); };
     return c;
   }

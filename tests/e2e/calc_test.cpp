@@ -13,7 +13,8 @@ protected:
     if (IsSkipped()) return;
     host_functions fns;
     fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
-    fns.add("host_throw", [](std::int64_t, std::int64_t) -> std::int64_t { throw std::runtime_error("boom"); });
+    fns.add("host_throw",
+            [](std::int64_t, std::int64_t) -> std::int64_t { throw std::runtime_error("boom"); });
     fns.add("host_fail", [](std::int64_t, std::int64_t) -> result<std::int64_t> {
       return error(errc::guest_error, "refused");
     });
@@ -29,8 +30,9 @@ TEST_F(calc, integer_arithmetic) {
   EXPECT_EQ(std::get<std::int32_t>(*sb_->call("mul_i32", -7, 6)), -42);
   EXPECT_EQ(std::get<std::int64_t>(*sb_->call("add_i64", std::int64_t{1} << 40, std::int64_t{1})),
             (std::int64_t{1} << 40) + 1);
-  EXPECT_EQ(std::get<std::int64_t>(*sb_->call("mul_i64", std::int64_t{123456789}, std::int64_t{1000})),
-            123456789000);
+  EXPECT_EQ(
+      std::get<std::int64_t>(*sb_->call("mul_i64", std::int64_t{123456789}, std::int64_t{1000})),
+      123456789000);
 }
 
 TEST_F(calc, float_arithmetic_uses_sse) {
@@ -39,8 +41,9 @@ TEST_F(calc, float_arithmetic_uses_sse) {
 }
 
 TEST_F(calc, strings_bytes_bools_and_void) {
-  EXPECT_EQ(std::get<std::string>(*sb_->call("concat", std::string("kiln"), std::string("-sandbox"))),
-            "kiln-sandbox");
+  EXPECT_EQ(
+      std::get<std::string>(*sb_->call("concat", std::string("kiln"), std::string("-sandbox"))),
+      "kiln-sandbox");
   bytes b{std::byte{1}, std::byte{0}, std::byte{255}};
   EXPECT_EQ(std::get<bytes>(*sb_->call("echo", b)), b);
   EXPECT_EQ(std::get<bool>(*sb_->call("negate", true)), false);
@@ -49,15 +52,17 @@ TEST_F(calc, strings_bytes_bools_and_void) {
 
 TEST_F(calc, checksum_is_computed_in_the_guest) {
   bytes data(4096);
-  for (std::size_t i = 0; i < data.size(); ++i) data[i] = static_cast<std::byte>(i * 7);
+  for (std::size_t i = 0; i < data.size(); ++i)
+    data[i] = static_cast<std::byte>(i * 7);
   std::uint64_t h = 0xcbf29ce484222325ull; // FNV-1a 64, computed here too
-  for (std::byte c : data) h = (h ^ static_cast<std::uint64_t>(c)) * 0x100000001b3ull;
+  for (std::byte c : data)
+    h = (h ^ static_cast<std::uint64_t>(c)) * 0x100000001b3ull;
   EXPECT_EQ(std::get<std::uint64_t>(*sb_->call("checksum", data)), h);
 }
 
 TEST_F(calc, guest_calls_host_function) {
-  EXPECT_EQ(std::get<std::int64_t>(*sb_->call("call_host", std::string("host_add"), std::int64_t{40},
-                                              std::int64_t{2})),
+  EXPECT_EQ(std::get<std::int64_t>(*sb_->call("call_host", std::string("host_add"),
+                                              std::int64_t{40}, std::int64_t{2})),
             42);
   EXPECT_EQ(sb_->stats().host_calls, 1u);
 }
@@ -90,7 +95,8 @@ TEST_F(calc, caller_errors_do_not_poison) {
 
 TEST_F(calc, large_payload_round_trip) {
   bytes big(60000);
-  std::iota(reinterpret_cast<unsigned char*>(big.data()), reinterpret_cast<unsigned char*>(big.data()) + big.size(), 0);
+  std::iota(reinterpret_cast<unsigned char*>(big.data()),
+            reinterpret_cast<unsigned char*>(big.data()) + big.size(), 0);
   EXPECT_EQ(std::get<bytes>(*sb_->call("echo", big)), big);
 }
 

@@ -38,7 +38,8 @@ TEST_F(create, host_executable_is_refused) {
   c.guest_path = "/bin/true"; // dynamic, PIE: not a kiln guest
   auto sb = sandbox::create(c);
   ASSERT_FALSE(sb);
-  EXPECT_EQ(sb.code().category(), memory::make_error_code(memory::memory_errc::elf_not_static).category());
+  EXPECT_EQ(sb.code().category(),
+            memory::make_error_code(memory::memory_errc::elf_not_static).category());
 }
 
 TEST_F(create, bad_sizes) {
@@ -69,7 +70,8 @@ TEST_F(create, many_sandboxes_side_by_side) {
     all.push_back(make("calc"));
     ASSERT_NE(all.back(), nullptr);
   }
-  for (int i = 0; i < 20; ++i) EXPECT_EQ(std::get<std::int32_t>(*all[i]->call("add_i32", i, i)), 2 * i);
+  for (int i = 0; i < 20; ++i)
+    EXPECT_EQ(std::get<std::int32_t>(*all[i]->call("add_i32", i, i)), 2 * i);
 }
 
 TEST_F(create, larger_memory) {

@@ -9,11 +9,13 @@ namespace {
 
 struct fault_case {
   const char* function;
-  std::vector<errc> accepted; // backends may name the same fault differently (see each case)
+  std::vector<errc> accepted;  // backends may name the same fault differently (see each case)
   const char* detail_contains; // "" for no check
 };
 
-void PrintTo(const fault_case& c, std::ostream* os) { *os << c.function; }
+void PrintTo(const fault_case& c, std::ostream* os) {
+  *os << c.function;
+}
 
 class faults : public backend_test, public ::testing::WithParamInterface<fault_case> {};
 
@@ -24,7 +26,8 @@ TEST_P(faults, poisons_with_a_named_error) {
   auto r = sb->call(c.function);
   ASSERT_FALSE(r) << c.function << " returned " << to_string(*r);
   bool accepted = false;
-  for (errc e : c.accepted) accepted |= r.code() == e;
+  for (errc e : c.accepted)
+    accepted |= r.code() == e;
   EXPECT_TRUE(accepted) << c.function << ": " << r.err().message();
   EXPECT_NE(r.err().message().find(c.detail_contains), std::string::npos) << r.err().message();
   EXPECT_TRUE(sb->poisoned());

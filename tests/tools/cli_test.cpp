@@ -19,7 +19,8 @@ outcome run(const std::string& args) {
   outcome o{-1, {}};
   if (!p) return o;
   std::array<char, 4096> buf{};
-  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), p)) o.out.append(buf.data(), n);
+  while (std::size_t n = std::fread(buf.data(), 1, buf.size(), p))
+    o.out.append(buf.data(), n);
   const int st = ::pclose(p);
   o.status = WIFEXITED(st) ? WEXITSTATUS(st) : -1;
   return o;

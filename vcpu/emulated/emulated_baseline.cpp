@@ -16,7 +16,9 @@ namespace {
 constexpr unsigned char loop_code[] = {0xef, 0xeb, 0x00, 0xeb, 0xfb};
 constexpr std::uint64_t code_addr = 0x100000;
 
-void stop_on_out(uc_engine* uc, std::uint32_t, int, std::uint32_t, void*) { uc_emu_stop(uc); }
+void stop_on_out(uc_engine* uc, std::uint32_t, int, std::uint32_t, void*) {
+  uc_emu_stop(uc);
+}
 
 struct raw_engine {
   uc_engine* uc = nullptr;
@@ -30,7 +32,8 @@ struct raw_engine {
 
 result<void> open_engine(raw_engine& e, std::uint64_t bytes) {
   e.size = bytes;
-  e.mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  e.mem = mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE,
+               -1, 0);
   if (e.mem == MAP_FAILED) return errno_error("mmap");
   std::memcpy(static_cast<char*>(e.mem) + code_addr, loop_code, sizeof loop_code);
   uc_hook h{};
@@ -58,7 +61,8 @@ result<double> raw_create_us(int iterations, std::uint64_t memory_bytes) {
     std::uint64_t rip = code_addr;
     KILN_TRY(run_once(e, rip));
   }
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iterations;
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() /
+         iterations;
 }
 
 result<double> raw_port_io_roundtrip_us(int iterations) {
@@ -67,8 +71,10 @@ result<double> raw_port_io_roundtrip_us(int iterations) {
   std::uint64_t rip = code_addr;
   KILN_TRY(run_once(e, rip)); // translate once before timing
   const auto t0 = std::chrono::steady_clock::now();
-  for (int i = 0; i < iterations; ++i) KILN_TRY(run_once(e, rip));
-  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() / iterations;
+  for (int i = 0; i < iterations; ++i)
+    KILN_TRY(run_once(e, rip));
+  return std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - t0).count() /
+         iterations;
 }
 
 } // namespace kiln::vcpu::emulated

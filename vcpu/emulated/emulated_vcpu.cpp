@@ -38,10 +38,10 @@ struct engine {
   }
 };
 
-constexpr int gpr_ids[] = {UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX, UC_X86_REG_RDX,
-                           UC_X86_REG_RSI, UC_X86_REG_RDI, UC_X86_REG_RSP, UC_X86_REG_RBP,
-                           UC_X86_REG_R8,  UC_X86_REG_R9,  UC_X86_REG_R10, UC_X86_REG_R11,
-                           UC_X86_REG_R12, UC_X86_REG_R13, UC_X86_REG_R14, UC_X86_REG_R15,
+constexpr int gpr_ids[] = {UC_X86_REG_RAX, UC_X86_REG_RBX,   UC_X86_REG_RCX, UC_X86_REG_RDX,
+                           UC_X86_REG_RSI, UC_X86_REG_RDI,   UC_X86_REG_RSP, UC_X86_REG_RBP,
+                           UC_X86_REG_R8,  UC_X86_REG_R9,    UC_X86_REG_R10, UC_X86_REG_R11,
+                           UC_X86_REG_R12, UC_X86_REG_R13,   UC_X86_REG_R14, UC_X86_REG_R15,
                            UC_X86_REG_RIP, UC_X86_REG_RFLAGS};
 constexpr int gpr_count = sizeof gpr_ids / sizeof gpr_ids[0];
 
@@ -80,7 +80,8 @@ public:
       ++stats_.map_calls;
       if (uc_err e = uc_mem_map_ptr(engine_.uc, r.start.value, r.size, perms, host); e != UC_ERR_OK)
         return uc_error(vcpu_errc::map_failed, ("uc_mem_map_ptr " + r.name).c_str(), e);
-      if (has(r.prot, memory::protection::exec)) exec_ranges_.push_back({r.start.value, r.end().value});
+      if (has(r.prot, memory::protection::exec))
+        exec_ranges_.push_back({r.start.value, r.end().value});
     }
     return {};
   }
@@ -90,8 +91,10 @@ public:
     std::uint64_t* slots[gpr_count];
     gpr_slots(r, slots);
     void* vals[gpr_count];
-    for (int i = 0; i < gpr_count; ++i) vals[i] = slots[i];
-    if (uc_err e = uc_reg_read_batch(engine_.uc, const_cast<int*>(gpr_ids), vals, gpr_count); e != UC_ERR_OK)
+    for (int i = 0; i < gpr_count; ++i)
+      vals[i] = slots[i];
+    if (uc_err e = uc_reg_read_batch(engine_.uc, const_cast<int*>(gpr_ids), vals, gpr_count);
+        e != UC_ERR_OK)
       return uc_error(vcpu_errc::register_access, "uc_reg_read_batch", e);
     return r;
   }
@@ -101,8 +104,10 @@ public:
     std::uint64_t* slots[gpr_count];
     gpr_slots(r, slots);
     void* vals[gpr_count];
-    for (int i = 0; i < gpr_count; ++i) vals[i] = slots[i];
-    if (uc_err e = uc_reg_write_batch(engine_.uc, const_cast<int*>(gpr_ids), vals, gpr_count); e != UC_ERR_OK)
+    for (int i = 0; i < gpr_count; ++i)
+      vals[i] = slots[i];
+    if (uc_err e = uc_reg_write_batch(engine_.uc, const_cast<int*>(gpr_ids), vals, gpr_count);
+        e != UC_ERR_OK)
       return uc_error(vcpu_errc::register_access, "uc_reg_write_batch", e);
     return {};
   }
@@ -178,8 +183,10 @@ public:
 
   result<fpu_state> get_fpu() override {
     fpu_state f;
-    for (int i = 0; i < 8; ++i) KILN_TRY(read(UC_X86_REG_ST0 + i, f.st[i]));
-    for (int i = 0; i < 16; ++i) KILN_TRY(read(UC_X86_REG_XMM0 + i, f.xmm[i]));
+    for (int i = 0; i < 8; ++i)
+      KILN_TRY(read(UC_X86_REG_ST0 + i, f.st[i]));
+    for (int i = 0; i < 16; ++i)
+      KILN_TRY(read(UC_X86_REG_XMM0 + i, f.xmm[i]));
     std::uint64_t v = 0;
     KILN_TRY(read(UC_X86_REG_FPCW, v));
     f.fcw = static_cast<std::uint16_t>(v);
@@ -193,8 +200,10 @@ public:
   }
 
   result<void> set_fpu(const fpu_state& f) override {
-    for (int i = 0; i < 8; ++i) KILN_TRY(write(UC_X86_REG_ST0 + i, f.st[i]));
-    for (int i = 0; i < 16; ++i) KILN_TRY(write(UC_X86_REG_XMM0 + i, f.xmm[i]));
+    for (int i = 0; i < 8; ++i)
+      KILN_TRY(write(UC_X86_REG_ST0 + i, f.st[i]));
+    for (int i = 0; i < 16; ++i)
+      KILN_TRY(write(UC_X86_REG_XMM0 + i, f.xmm[i]));
     KILN_TRY(write(UC_X86_REG_FPCW, std::uint64_t{f.fcw}));
     KILN_TRY(write(UC_X86_REG_FPSW, std::uint64_t{f.fsw}));
     KILN_TRY(write(UC_X86_REG_FPTAG, std::uint64_t{f.ftw}));
@@ -250,7 +259,8 @@ private:
   // Hooks: each records the exit and stops the engine. They run on the vCPU thread.
   static void on_out(uc_engine* uc, std::uint32_t port, int size, std::uint32_t value, void* self) {
     auto* v = static_cast<emulated_vcpu*>(self);
-    v->pending_ = exits::io_out{static_cast<std::uint16_t>(port), static_cast<std::uint8_t>(size), value};
+    v->pending_ =
+        exits::io_out{static_cast<std::uint16_t>(port), static_cast<std::uint8_t>(size), value};
     uc_emu_stop(uc);
   }
   static std::uint32_t on_in(uc_engine* uc, std::uint32_t port, int size, void* self) {
@@ -273,16 +283,30 @@ private:
     access_kind access = access_kind::read;
     bool unmapped = false;
     switch (type) {
-    case UC_MEM_READ_UNMAPPED: unmapped = true; break;
-    case UC_MEM_WRITE_UNMAPPED: unmapped = true; access = access_kind::write; break;
-    case UC_MEM_FETCH_UNMAPPED: unmapped = true; access = access_kind::execute; break;
-    case UC_MEM_WRITE_PROT: access = access_kind::write; break;
-    case UC_MEM_FETCH_PROT: access = access_kind::execute; break;
-    case UC_MEM_READ_PROT: break;
+    case UC_MEM_READ_UNMAPPED:
+      unmapped = true;
+      break;
+    case UC_MEM_WRITE_UNMAPPED:
+      unmapped = true;
+      access = access_kind::write;
+      break;
+    case UC_MEM_FETCH_UNMAPPED:
+      unmapped = true;
+      access = access_kind::execute;
+      break;
+    case UC_MEM_WRITE_PROT:
+      access = access_kind::write;
+      break;
+    case UC_MEM_FETCH_PROT:
+      access = access_kind::execute;
+      break;
+    case UC_MEM_READ_PROT:
+      break;
     case UC_MEM_READ:
     case UC_MEM_WRITE:
     case UC_MEM_FETCH:
-    case UC_MEM_READ_AFTER: break;
+    case UC_MEM_READ_AFTER:
+      break;
     }
     (void)uc;
     v->pending_ = exits::memory_fault{address, access, unmapped, v->rip()};
@@ -316,11 +340,12 @@ result<void> emulated_vcpu::install_hooks() {
                              UC_X86_INS_IN);
       e != UC_ERR_OK)
     return uc_error(vcpu_errc::create_failed, "hook in", e);
-  if (uc_err e = uc_hook_add(uc, &h, UC_HOOK_INTR, reinterpret_cast<void*>(&on_interrupt), this, 1, 0);
+  if (uc_err e =
+          uc_hook_add(uc, &h, UC_HOOK_INTR, reinterpret_cast<void*>(&on_interrupt), this, 1, 0);
       e != UC_ERR_OK)
     return uc_error(vcpu_errc::create_failed, "hook intr", e);
-  if (uc_err e = uc_hook_add(uc, &h, UC_HOOK_MEM_INVALID, reinterpret_cast<void*>(&on_invalid_memory),
-                             this, 1, 0);
+  if (uc_err e = uc_hook_add(uc, &h, UC_HOOK_MEM_INVALID,
+                             reinterpret_cast<void*>(&on_invalid_memory), this, 1, 0);
       e != UC_ERR_OK)
     return uc_error(vcpu_errc::create_failed, "hook invalid memory", e);
   if (uc_err e = uc_hook_add(uc, &h, UC_HOOK_INSN_INVALID,
@@ -403,6 +428,8 @@ backend_status probe() {
           "Unicorn " + std::to_string(major) + "." + std::to_string(minor) + " CPU emulator"};
 }
 
-result<std::unique_ptr<vcpu>> create() { return emulated_vcpu::create(); }
+result<std::unique_ptr<vcpu>> create() {
+  return emulated_vcpu::create();
+}
 
 } // namespace kiln::vcpu::emulated

@@ -8,12 +8,12 @@
 namespace kiln::vcpu::x86_64 {
 
 struct long_mode_params {
-  std::uint64_t cr3;       // PML4 address
+  std::uint64_t cr3; // PML4 address
   std::uint64_t gdt_base;
   std::uint16_t gdt_limit;
   std::uint64_t tss_base;
   std::uint32_t tss_limit;
-  bool nx;                 // set EFER.NXE (KVM); the emulated backend has no NX
+  bool nx; // set EFER.NXE (KVM); the emulated backend has no NX
 };
 
 /// CR0 = PE|MP|ET|NE|WP|PG (EM clear: SSE works), CR4 = PAE|OSFXSR|OSXMMEXCPT,
