@@ -31,6 +31,9 @@ std::string hex(std::uint64_t v) {
 result<elf_image> parse_elf(std::span<const std::byte> file, guest_phys_addr image_base,
                             guest_phys_addr image_limit) {
   if (file.size() > elf_max_file_size) return error(memory_errc::elf_too_large, "file size");
+  if (!is_aligned(image_base.value, page_size) || !is_aligned(image_limit.value, page_size) ||
+      image_limit <= image_base)
+    return error(memory_errc::bad_size, "image area must be page-aligned and non-empty");
   // The magic first (as much of it as the file holds), so a short non-ELF file is named for
   // what it is, and a short prefix of an ELF file is named truncated.
   const std::size_t magic_len = std::min<std::size_t>(file.size(), SELFMAG);
@@ -64,7 +67,7 @@ result<elf_image> parse_elf(std::span<const std::byte> file, guest_phys_addr ima
     if (__builtin_add_overflow(ph.p_offset, ph.p_filesz, &file_end) || file_end > file.size())
       return error(memory_errc::elf_truncated, which);
     if (__builtin_add_overflow(ph.p_vaddr, ph.p_memsz, &mem_end) ||
-        mem_end > image_limit.value - page_size)
+        align_up(mem_end, page_size) > image_limit.value || mem_end > image_limit.value)
       return error(memory_errc::elf_segment_outside, which + " at " + hex(ph.p_vaddr));
     if (ph.p_vaddr < image_base.value)
       return error(memory_errc::elf_segment_outside, which + " at " + hex(ph.p_vaddr));

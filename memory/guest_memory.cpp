@@ -81,21 +81,21 @@ result<const region*> guest_memory::check_range(guest_phys_addr a, std::uint64_t
 result<void> guest_memory::read(guest_phys_addr a, std::span<std::byte> out) const {
   KILN_TRY(check_range(a, out.size()));
   // SAFETY: [a, a+len) was checked to lie in one region, inside the host mapping.
-  std::memcpy(out.data(), mapping_.data() + a.value, out.size());
+  if (!out.empty()) std::memcpy(out.data(), mapping_.data() + a.value, out.size());
   return {};
 }
 
 result<void> guest_memory::write(guest_phys_addr a, std::span<const std::byte> in) {
   KILN_TRY(check_range(a, in.size()));
   // SAFETY: as in read().
-  std::memcpy(mapping_.data() + a.value, in.data(), in.size());
+  if (!in.empty()) std::memcpy(mapping_.data() + a.value, in.data(), in.size());
   return {};
 }
 
 result<void> guest_memory::zero(guest_phys_addr a, std::uint64_t len) {
   KILN_TRY(check_range(a, len));
   // SAFETY: as in read().
-  std::memset(mapping_.data() + a.value, 0, len);
+  if (len) std::memset(mapping_.data() + a.value, 0, len);
   return {};
 }
 

@@ -51,7 +51,7 @@ struct region {
 /// Thread-safety: not synchronised; owned and used by one sandbox's thread.
 class guest_memory {
 public:
-  /// Reserves `size` bytes (page-aligned, at least 1 MiB) of zeroed memory with host guard pages.
+  /// Reserves `size` bytes (page-aligned, 4 MiB to 64 GiB) of zeroed memory with host guard pages.
   static result<guest_memory> create(std::uint64_t size);
 
   std::uint64_t size() const noexcept { return mapping_.size(); }

@@ -15,12 +15,14 @@ result<layout> plan_layout(const layout_config& cfg, guest_phys_addr image_end) 
     return error(memory_errc::unaligned, "heap size must be page-aligned");
   if (image_end < fixed::image_base || !is_aligned(image_end.value, page_size))
     return error(memory_errc::out_of_bounds, "image end");
+  if (image_end.value > cfg.memory_size) // also keeps align_up below from wrapping
+    return error(memory_errc::layout_too_small, "image larger than guest memory");
 
   layout l;
   l.memory_size = cfg.memory_size;
   l.image_end = image_end;
   l.stack_top = guest_phys_addr{cfg.memory_size};
-  if (cfg.stack_size + page_size >= cfg.memory_size)
+  if (cfg.stack_size >= cfg.memory_size - page_size) // memory_size >= 4 MiB: no wrap
     return error(memory_errc::layout_too_small, "stack does not fit");
   l.stack_bottom = guest_phys_addr{cfg.memory_size - cfg.stack_size};
   l.stack_guard = guest_phys_addr{l.stack_bottom.value - page_size};

@@ -17,14 +17,14 @@ enum class errc {
   unexpected_exit,   // an exit the runtime has no meaning for (MMIO, failed entry...)
   cancelled,         // the call was cancelled while the guest ran
   deadline_exceeded, // the call's deadline passed while the guest ran
+  not_ready,         // the guest never signalled ready, or the protocol state is inconsistent
+  backend_failure,   // the vCPU backend failed; the guest's state can no longer be trusted
   // Caller-side: nothing in the sandbox changed.
   poisoned,           // the sandbox was poisoned by an earlier error
   function_not_found, // the guest has no function of that name
   bad_arguments,      // wrong argument count or types for the guest function
   guest_error,        // the guest function reported an error (its message in the detail)
   result_too_large,   // the call or its result does not fit the I/O buffer
-  not_ready,          // the guest never signalled ready, or a call arrived mid-call
-  backend_failure,    // the vCPU backend failed in a way that is not the guest's doing
 };
 
 /// True for errors after which the sandbox is poisoned. One exhaustive switch decides.

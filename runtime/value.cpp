@@ -3,6 +3,7 @@
 
 #include <fmt/format.h>
 
+#include <cctype>
 #include <cerrno>
 #include <charconv>
 #include <cstdlib>
@@ -70,7 +71,9 @@ template <class T> result<value> parse_int(std::string_view full, std::string_vi
 
 result<value> parse_f64(std::string_view full, std::string_view digits) {
   std::string s(digits);
-  if (s.empty()) return bad_value(full, "not a number");
+  // strtod skips leading white space; integers do not, and neither do we.
+  if (s.empty() || std::isspace(static_cast<unsigned char>(s.front())))
+    return bad_value(full, "not a number");
   char* end = nullptr;
   errno = 0;
   const double d = std::strtod(s.c_str(), &end);
@@ -108,7 +111,8 @@ result<value> parse_value(std::string_view text) {
     if (type == "f64") return parse_f64(text, num);
     return bad_value(text, "unknown type suffix (use i32, i64, u64, f64, or str:/hex: prefixes)");
   }
-  if (text.find_first_of(".eE") != std::string_view::npos || text == "inf" || text == "nan")
+  if (text.find_first_of(".eE") != std::string_view::npos || text == "inf" || text == "-inf" ||
+      text == "nan")
     return parse_f64(text, text);
   return parse_int<std::int32_t>(text, text);
 }

@@ -152,9 +152,23 @@ result<std::size_t> encode_error(std::span<std::byte> out, kiln_msg_kind kind, k
                                  std::string_view message) {
   const std::size_t room =
       out.size() > sizeof(kiln_msg_header) + 5 ? out.size() - sizeof(kiln_msg_header) - 5 : 0;
+  std::string_view cut = message.substr(0, room);
+  if (cut.size() < message.size()) {
+    // Do not end inside a UTF-8 sequence: find the last lead byte; drop it and what follows
+    // unless the whole sequence fits.
+    std::size_t lead = cut.size();
+    while (lead > 0 && cut.size() - lead < 4 &&
+           (static_cast<unsigned char>(cut[lead - 1]) & 0xc0) == 0x80)
+      --lead;
+    if (lead > 0) {
+      const auto c = static_cast<unsigned char>(cut[lead - 1]);
+      const std::size_t need = c >= 0xf0 ? 4 : c >= 0xe0 ? 3 : c >= 0xc0 ? 2 : 1;
+      if (cut.size() - (lead - 1) < need) cut = cut.substr(0, lead - 1);
+    }
+  }
   writer w(out);
   w.put(kiln_msg_header{});
-  w.put_blob(KILN_TYPE_STRING, message.substr(0, room));
+  w.put_blob(KILN_TYPE_STRING, cut);
   return finish(w, kind, 0, status);
 }
 
@@ -171,7 +185,10 @@ result<message> decode(std::span<const std::byte> in, kiln_msg_kind expected) {
                        std::to_string(r.remaining()));
   message m;
   m.kind = expected;
-  if (expected == KILN_MSG_CALL || expected == KILN_MSG_HOST_CALL) {
+  const bool is_call = expected == KILN_MSG_CALL || expected == KILN_MSG_HOST_CALL;
+  if (is_call && h.status != 0) return reader::bad("a call carries a status");
+  if (!is_call && h.count != 0) return reader::bad("a result carries an argument count");
+  if (is_call) {
     if (h.count > KILN_MAX_ARGS) return reader::bad("argument count " + std::to_string(h.count));
     KILN_TRY_ASSIGN(value name, r.get_value());
     if (!std::holds_alternative<std::string>(name))

@@ -138,11 +138,6 @@ TEST_F(emulated_vcpu_test, in_followed_by_an_out_in_the_same_block_is_still_an_i
   }));
   g_->edit_registers([](vcpu::registers& r) { r.rdx = 0x10; });
   const vcpu::exit e = g_->cpu->run();
-  if (std::holds_alternative<exits::io_out>(e))
-    GTEST_SKIP() << "known bug: emulated_vcpu.cpp on_out/on_in/on_invalid_memory overwrite an "
-                    "exit an earlier hook of the same block recorded; the guest's `in` was "
-                    "reported as "
-                 << describe(e);
   const auto* in = std::get_if<exits::io_in>(&e);
   ASSERT_NE(in, nullptr) << describe(e);
   EXPECT_EQ(in->port, 0x10);
@@ -154,9 +149,6 @@ TEST_F(emulated_vcpu_test, in_followed_by_a_faulting_instruction_is_still_an_io_
   ASSERT_NO_FATAL_FAILURE(load({0xed})); // in (%dx),%eax; then 00 00 ...
   g_->edit_registers([](vcpu::registers& r) { r.rdx = 0x60; });
   const vcpu::exit e = g_->cpu->run();
-  if (std::holds_alternative<exits::memory_fault>(e))
-    GTEST_SKIP() << "known bug: a fault later in the block replaces the io_in exit: "
-                 << describe(e);
   const auto* in = std::get_if<exits::io_in>(&e);
   ASSERT_NE(in, nullptr) << describe(e);
   EXPECT_EQ(in->port, 0x60);
@@ -397,9 +389,6 @@ TEST_F(emulated_vcpu_test, x87_registers_round_trip_with_a_nonzero_stack_top) {
   auto back = g_->cpu->get_fpu();
   ASSERT_TRUE(back) << back.err().message();
   EXPECT_EQ(back->fsw, f.fsw);
-  if (back->st != f.st)
-    GTEST_SKIP() << "known bug: emulated set_fpu writes ST0..ST7 (relative to the engine's old "
-                    "TOP) before FPSW moves TOP, so the x87 stack comes back rotated";
   EXPECT_EQ(back->st, f.st);
 }
 
@@ -431,16 +420,11 @@ TEST_F(emulated_vcpu_test, fpu_tag_word_is_fxsave_abridged_both_ways) {
     const auto out = run_expecting<exits::io_out>();
     if (back->ftw != ftw || out.value != ftw) wrong.push_back({ftw, back->ftw, int(out.value)});
   }
-  if (!wrong.empty()) {
-    std::ostringstream msg;
-    msg << std::hex;
-    for (const auto& w : wrong)
-      msg << " [set " << w.set << ", get_fpu " << w.got << ", guest FXSAVE " << w.guest << "]";
-    GTEST_SKIP() << "known bug: emulated get_fpu/set_fpu pass fpu_state::ftw (FXSAVE's abridged "
-                    "8-bit tag) as Unicorn's UC_X86_REG_FPTAG, the full 16-bit tag word (2 bits "
-                    "a register, 11 = empty):"
-                 << msg.str();
-  }
+  std::ostringstream msg;
+  msg << std::hex;
+  for (const auto& w : wrong)
+    msg << " [set " << w.set << ", get_fpu " << w.got << ", guest FXSAVE " << w.guest << "]";
+  EXPECT_TRUE(wrong.empty()) << "abridged tag mismatches:" << msg.str();
 }
 
 // ---- translated code -------------------------------------------------------------------------

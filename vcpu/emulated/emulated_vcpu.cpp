@@ -193,22 +193,39 @@ public:
     KILN_TRY(read(UC_X86_REG_FPSW, v));
     f.fsw = static_cast<std::uint16_t>(v);
     KILN_TRY(read(UC_X86_REG_FPTAG, v));
-    f.ftw = static_cast<std::uint8_t>(v);
+    f.ftw = abridged_tag(static_cast<std::uint16_t>(v));
     KILN_TRY(read(UC_X86_REG_MXCSR, v));
     f.mxcsr = static_cast<std::uint32_t>(v);
     return f;
   }
 
   result<void> set_fpu(const fpu_state& f) override {
+    // The status word first: its TOP field decides which physical register ST0..ST7 name.
+    KILN_TRY(write(UC_X86_REG_FPCW, std::uint64_t{f.fcw}));
+    KILN_TRY(write(UC_X86_REG_FPSW, std::uint64_t{f.fsw}));
+    KILN_TRY(write(UC_X86_REG_FPTAG, std::uint64_t{full_tag(f.ftw)}));
     for (int i = 0; i < 8; ++i)
       KILN_TRY(write(UC_X86_REG_ST0 + i, f.st[i]));
     for (int i = 0; i < 16; ++i)
       KILN_TRY(write(UC_X86_REG_XMM0 + i, f.xmm[i]));
-    KILN_TRY(write(UC_X86_REG_FPCW, std::uint64_t{f.fcw}));
-    KILN_TRY(write(UC_X86_REG_FPSW, std::uint64_t{f.fsw}));
-    KILN_TRY(write(UC_X86_REG_FPTAG, std::uint64_t{f.ftw}));
     KILN_TRY(write(UC_X86_REG_MXCSR, std::uint64_t{f.mxcsr}));
     return {};
+  }
+
+  // fpu_state::ftw is FXSAVE's abridged tag (1 bit a register: 1 = valid); Unicorn's FPTAG is
+  // the full tag word (2 bits a register: 11 = empty). Valid registers map to 00 ("valid"); the
+  // zero/special distinction is recomputed by the FPU from the register contents.
+  static std::uint16_t full_tag(std::uint8_t abridged) {
+    std::uint16_t tag = 0;
+    for (int i = 0; i < 8; ++i)
+      if (!(abridged & (1u << i))) tag |= 3u << (2 * i);
+    return tag;
+  }
+  static std::uint8_t abridged_tag(std::uint16_t full) {
+    std::uint8_t ftw = 0;
+    for (int i = 0; i < 8; ++i)
+      if (((full >> (2 * i)) & 3u) != 3u) ftw |= 1u << i;
+    return ftw;
   }
 
   exit run() override;
@@ -256,16 +273,21 @@ private:
   result<void> install_hooks();
   exit decode_stop(uc_err err);
 
-  // Hooks: each records the exit and stops the engine. They run on the vCPU thread.
+  // Hooks: each records the exit and stops the engine. They run on the vCPU thread. A stop only
+  // takes effect at the end of the translation block, so later instructions of the same block
+  // may still run and fire hooks: the first exit recorded is the one reported.
+  void record(exit e) {
+    if (!pending_) pending_ = std::move(e);
+  }
   static void on_out(uc_engine* uc, std::uint32_t port, int size, std::uint32_t value, void* self) {
     auto* v = static_cast<emulated_vcpu*>(self);
-    v->pending_ =
-        exits::io_out{static_cast<std::uint16_t>(port), static_cast<std::uint8_t>(size), value};
+    v->record(
+        exits::io_out{static_cast<std::uint16_t>(port), static_cast<std::uint8_t>(size), value});
     uc_emu_stop(uc);
   }
   static std::uint32_t on_in(uc_engine* uc, std::uint32_t port, int size, void* self) {
     auto* v = static_cast<emulated_vcpu*>(self);
-    v->pending_ = exits::io_in{static_cast<std::uint16_t>(port), static_cast<std::uint8_t>(size)};
+    v->record(exits::io_in{static_cast<std::uint16_t>(port), static_cast<std::uint8_t>(size)});
     uc_emu_stop(uc);
     return 0;
   }
@@ -274,7 +296,7 @@ private:
     std::uint64_t cr2 = 0;
     uc_reg_read(uc, UC_X86_REG_CR2, &cr2);
     // Unicorn does not expose the error code; the vector, RIP and CR2 are exact.
-    v->pending_ = exits::exception{static_cast<std::uint8_t>(vector), 0, v->rip(), cr2};
+    v->record(exits::exception{static_cast<std::uint8_t>(vector), 0, v->rip(), cr2});
     uc_emu_stop(uc);
   }
   static bool on_invalid_memory(uc_engine* uc, uc_mem_type type, std::uint64_t address, int,
@@ -309,12 +331,12 @@ private:
       break;
     }
     (void)uc;
-    v->pending_ = exits::memory_fault{address, access, unmapped, v->rip()};
+    v->record(exits::memory_fault{address, access, unmapped, v->rip()});
     return false; // not handled: the engine stops with the matching UC_ERR_*
   }
   static bool on_invalid_instruction(uc_engine* uc, void* self) {
     auto* v = static_cast<emulated_vcpu*>(self);
-    v->pending_ = exits::exception{6, 0, v->rip(), 0}; // #UD
+    v->record(exits::exception{6, 0, v->rip(), 0}); // #UD
     uc_emu_stop(uc);
     return false;
   }
@@ -327,6 +349,7 @@ private:
   std::atomic<bool> running_{false};
   std::atomic<bool> kick_pending_{false};
   std::atomic<std::uint64_t> kicks_{0};
+  std::atomic<std::uint64_t> stops_{0}; // uc_emu_stop calls made by kick()
 };
 
 result<void> emulated_vcpu::install_hooks() {
@@ -364,13 +387,16 @@ result<void> emulated_vcpu::install_hooks() {
 //     the engine (bounded: the engine honours a stop within tens of microseconds).
 //  3. A stop that lands after a hook already recorded an exit leaves kick_pending_ set: that
 //     exit is returned, and the next run() returns cancelled (kicks are sticky until consumed).
-//  4. A stop that arrives when no kick is pending (a late repeat of step 2) makes uc_emu_start
-//     return with nothing recorded: run() resumes the guest.
+//  4. A stop that arrives when no kick is pending (a late repeat of step 2 landing in the next
+//     run) makes uc_emu_start return with nothing recorded: run() resumes the guest. Every stop
+//     kick() issues is counted, so such a stop is never mistaken for a `hlt` (which also
+//     returns with nothing recorded).
 void emulated_vcpu::kick() noexcept {
   kicks_.fetch_add(1, std::memory_order_relaxed);
   kick_pending_.store(true);
   const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(1);
   while (running_.load() && kick_pending_.load()) {
+    stops_.fetch_add(1);
     uc_emu_stop(engine_.uc);
     if (std::chrono::steady_clock::now() > give_up) break;
     std::this_thread::sleep_for(std::chrono::microseconds(20));
@@ -387,6 +413,7 @@ exit emulated_vcpu::run() {
       return exits::cancelled{};
     }
     pending_.reset();
+    const std::uint64_t stops_before = stops_.load();
     const uc_err err = uc_emu_start(engine_.uc, rip(), 0, 0, 0);
     running_.store(false);
     if (pending_) {
@@ -401,7 +428,9 @@ exit emulated_vcpu::run() {
       ++stats_.exits;
       return decode_stop(err);
     }
-    // Stopped with nothing recorded: `hlt`, or a late stop from a kick already consumed.
+    // Stopped with nothing recorded: `hlt` (which ends emulation by itself, RIP after it), or
+    // a late stop from a kick already consumed (then resume; a real hlt just halts again).
+    if (stops_.load() != stops_before) continue;
     const std::uint64_t ip = rip();
     std::uint8_t prev = 0;
     if (ip > 0 && uc_mem_read(engine_.uc, ip - 1, &prev, 1) == UC_ERR_OK && prev == 0xf4) {
