@@ -9,7 +9,7 @@ kiln=$build/tools/kiln
 calc=$build/guests/calc.elf
 run() { echo "\$ kiln run calc.elf $*"; "$kiln" run "$calc" "$@"; }
 "$kiln" backends
-run add_i32 2 3
+run add 2 3
 run mul_i64 123456789:i64 1000:i64
 run add_f64 0.5 2.25
 run concat str:kiln str:-sandbox

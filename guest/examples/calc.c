@@ -145,4 +145,9 @@ void kiln_guest_init(void) {
   REGISTER(call_host_status, T(I32), T(STRING));
   if (kiln_register("nothing", nothing, KILN_TYPE_VOID, 0, 0) != 0)
     kiln_abort(1, "calc: cannot register nothing");
+  // Short names for the CLI: `kiln run calc.elf add 2 3` prints 5.
+  static const enum kiln_type two_i32[] = {T(I32), T(I32)};
+  if (kiln_register("add", add_i32, T(I32), two_i32, 2) != 0 ||
+      kiln_register("mul", mul_i32, T(I32), two_i32, 2) != 0)
+    kiln_abort(1, "calc: cannot register add/mul");
 }

@@ -38,6 +38,8 @@ TEST(cli, backends_lists_both) {
 
 TEST(cli, run_prints_results) {
   EXPECT_EQ(run("run " + calc + " add_i32 2 3" + emu).out, "5\n");
+  EXPECT_EQ(run("run " + calc + " add 2 3" + emu).out, "5\n");
+  EXPECT_EQ(run("run " + calc + " mul 6 7" + emu).out, "42\n");
   EXPECT_EQ(run("run " + calc + " mul_i64 123456789:i64 1000:i64" + emu).out, "123456789000\n");
   EXPECT_EQ(run("run " + calc + " add_f64 0.5 2.25" + emu).out, "2.75\n");
   EXPECT_EQ(run("run " + calc + " concat str:kiln str:-sandbox" + emu).out, "kiln-sandbox\n");
