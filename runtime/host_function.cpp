@@ -16,29 +16,38 @@ const host_function* host_functions::find(std::string_view name) const {
   return it == functions_.end() ? nullptr : &it->second;
 }
 
+std::variant<const host_function*, host_call_outcome>
+host_functions::check(std::string_view name, std::span<const value> args) const {
+  const host_function* fn = find(name);
+  if (!fn)
+    return host_call_outcome{
+        KILN_STATUS_NOT_FOUND, {}, "no host function named '" + std::string(name) + "'"};
+  if (args.size() != fn->params.size())
+    return host_call_outcome{KILN_STATUS_ARG_COUNT,
+                             {},
+                             fn->name + " takes " + std::to_string(fn->params.size()) +
+                                 " arguments, got " + std::to_string(args.size())};
+  for (std::size_t i = 0; i < args.size(); ++i)
+    if (type_of(args[i]) != fn->params[i])
+      return host_call_outcome{KILN_STATUS_ARG_TYPE,
+                               {},
+                               fn->name + " argument " + std::to_string(i) + " must be " +
+                                   type_name(fn->params[i]) + ", got " +
+                                   type_name(type_of(args[i]))};
+  return fn;
+}
+
 host_call_outcome host_functions::invoke(std::string_view name,
                                          std::span<const value> args) const noexcept {
   host_call_outcome out;
   try {
-    const host_function* fn = find(name);
-    if (!fn) {
-      out.status = KILN_STATUS_NOT_FOUND;
-      out.message = "no host function named '" + std::string(name) + "'";
+    auto checked = check(name, args);
+    if (auto* o = std::get_if<host_call_outcome>(&checked)) return std::move(*o);
+    const host_function* fn = std::get<const host_function*>(checked);
+    if (fn->is_async()) {
+      out.status = KILN_STATUS_HOST_ERROR;
+      out.message = fn->name + " is asynchronous: it needs a sandbox run by kiln::runtime";
       return out;
-    }
-    if (args.size() != fn->params.size()) {
-      out.status = KILN_STATUS_ARG_COUNT;
-      out.message = fn->name + " takes " + std::to_string(fn->params.size()) + " arguments, got " +
-                    std::to_string(args.size());
-      return out;
-    }
-    for (std::size_t i = 0; i < args.size(); ++i) {
-      if (type_of(args[i]) != fn->params[i]) {
-        out.status = KILN_STATUS_ARG_TYPE;
-        out.message = fn->name + " argument " + std::to_string(i) + " must be " +
-                      type_name(fn->params[i]) + ", got " + type_name(type_of(args[i]));
-        return out;
-      }
     }
     auto r = fn->body(args);
     if (!r) {

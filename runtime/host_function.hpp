@@ -5,6 +5,12 @@
 #include <kiln/runtime/value.hpp>
 #include <kiln/support/result.hpp>
 
+#include <boost/asio/any_io_executor.hpp>
+#include <boost/asio/awaitable.hpp>
+#include <boost/asio/co_spawn.hpp>
+
+#include <atomic>
+#include <exception>
 #include <functional>
 #include <map>
 #include <memory>
@@ -14,6 +20,7 @@
 #include <tuple>
 #include <type_traits>
 #include <utility>
+#include <variant>
 #include <vector>
 
 namespace kiln {
@@ -25,13 +32,57 @@ struct host_call_outcome {
   std::string message; // otherwise
 };
 
+/// Delivers an asynchronous host function's outcome. Call it exactly once, from any thread.
+using host_completion = std::function<void(host_call_outcome)>;
+
 /// A registered host function: name, signature and a type-erased body that receives arguments
-/// already checked against the signature.
+/// already checked against the signature. Exactly one of `body` (synchronous: runs on the
+/// sandbox's thread while the guest waits) and `async_body` is set.
 struct host_function {
   std::string name;
   std::vector<kiln_type> params;
   kiln_type returns = KILN_TYPE_VOID;
   std::function<result<value>(std::span<const value>)> body;
+  /// Asynchronous form: starts the work and returns; `done` is called later, from any thread.
+  /// `ex` is the executor of the sandbox's worker (where an awaitable body is spawned). The
+  /// sandbox is parked meanwhile and its worker serves others. Only kiln::runtime calls these.
+  std::function<void(std::vector<value> args, boost::asio::any_io_executor ex,
+                     host_completion done)>
+      async_body;
+  bool is_async() const noexcept { return static_cast<bool>(async_body); }
+};
+
+/// The reply handle an asynchronous host function receives as its last argument. Copyable; the
+/// first call of reply(v) or fail(msg) wins, from any thread. If every copy is destroyed
+/// without a reply, the guest receives KILN_STATUS_HOST_ERROR ("dropped its reply").
+template <class R> class host_reply {
+public:
+  explicit host_reply(host_completion done) : state_(std::make_shared<state>(std::move(done))) {}
+
+  template <class V = R>
+  requires(!std::is_void_v<R>) void operator()(V v) const {
+    deliver({KILN_STATUS_OK, value{R(std::move(v))}, {}});
+  }
+  void operator()() const requires std::is_void_v<R> { deliver({KILN_STATUS_OK, value{}, {}}); }
+  /// The guest sees KILN_STATUS_FAILED with `message`.
+  void fail(std::string message) const {
+    deliver({KILN_STATUS_FAILED, value{}, std::move(message)});
+  }
+
+private:
+  struct state {
+    explicit state(host_completion d) : done(std::move(d)) {}
+    ~state() {
+      if (!used.exchange(true))
+        done({KILN_STATUS_HOST_ERROR, value{}, "asynchronous host function dropped its reply"});
+    }
+    host_completion done;
+    std::atomic<bool> used{false};
+  };
+  void deliver(host_call_outcome o) const {
+    if (!state_->used.exchange(true)) state_->done(std::move(o));
+  }
+  std::shared_ptr<state> state_;
 };
 
 namespace detail {
@@ -60,6 +111,16 @@ template <class T> struct unwrap_result<result<T>> {
   static constexpr bool is_result = true;
 };
 
+template <class T> struct unwrap_awaitable;
+template <class T, class E> struct unwrap_awaitable<boost::asio::awaitable<T, E>> {
+  using type = T;
+};
+template <class Sig> struct signature;
+template <class R, class... A> struct signature<R(A...)> {
+  using ret = R;
+  using args = std::tuple<A...>;
+};
+
 template <class T> value to_value(T&& v) {
   return value{std::forward<T>(v)};
 }
@@ -80,8 +141,36 @@ public:
                      static_cast<typename traits::ret*>(nullptr));
   }
 
+  /// Registers an asynchronous host function with the signature `Sig`, e.g.
+  /// `add_async<std::int64_t(std::int64_t)>("lookup", [](std::int64_t key, host_reply<std::int64_t>
+  /// reply) {...})`. `f` receives the arguments and a host_reply<R> and returns at once; the reply
+  /// may come later from any thread. While it is outstanding the sandbox is parked and its worker
+  /// serves other sandboxes. A synchronous sandbox::call() answers such a function with
+  /// KILN_STATUS_HOST_ERROR: asynchronous host functions need kiln::runtime.
+  template <class Sig, class F> host_functions& add_async(std::string name, F f) {
+    using sig = detail::signature<Sig>;
+    return add_async_typed(std::move(name), std::move(f), static_cast<typename sig::args*>(nullptr),
+                           static_cast<typename sig::ret*>(nullptr));
+  }
+
+  /// Registers a coroutine host function: `f(args...)` returns boost::asio::awaitable<R>; it is
+  /// spawned on the sandbox's worker, which serves others while it is suspended. An exception
+  /// reaches the guest as KILN_STATUS_HOST_ERROR.
+  template <class F> host_functions& add_awaitable(std::string name, F f) {
+    using traits = detail::callable_traits<std::decay_t<F>>;
+    using R = typename detail::unwrap_awaitable<typename traits::ret>::type;
+    return add_awaitable_typed(std::move(name), std::move(f),
+                               static_cast<typename traits::args*>(nullptr),
+                               static_cast<R*>(nullptr));
+  }
+
   /// Registers a function with an explicit signature and a type-erased body.
   host_functions& add_raw(host_function fn);
+
+  /// Checks that `name` exists and `args` fit its signature. Returns the function, or the
+  /// outcome to send back to the guest (NOT_FOUND, ARG_COUNT, ARG_TYPE).
+  std::variant<const host_function*, host_call_outcome> check(std::string_view name,
+                                                              std::span<const value> args) const;
 
   const host_function* find(std::string_view name) const;
   std::size_t size() const noexcept { return functions_.size(); }
@@ -121,6 +210,72 @@ private:
     } else {
       return value{f(std::get<A>(args[I])...)};
     }
+  }
+
+  template <class F, class... A, class R>
+  host_functions& add_async_typed(std::string name, F f, std::tuple<A...>*, R*) {
+    host_function h;
+    h.name = name;
+    h.params = {wire_type<A>::value...};
+    h.returns = wire_type<R>::value;
+    h.async_body = [f = std::move(f)](std::vector<value> args, boost::asio::any_io_executor,
+                                      host_completion done) {
+      host_reply<R> reply(std::move(done));
+      try {
+        start_with(f, args, reply, std::index_sequence_for<A...>{},
+                   static_cast<std::tuple<A...>*>(nullptr));
+      } catch (const std::exception& e) {
+        reply.fail(std::string("host function threw: ") + e.what());
+      } catch (...) {
+        reply.fail("host function threw a non-standard exception");
+      }
+    };
+    return add_raw(std::move(h));
+  }
+
+  template <class F, std::size_t... I, class... A, class R>
+  static void start_with(const F& f, std::vector<value>& args, const host_reply<R>& reply,
+                         std::index_sequence<I...>, std::tuple<A...>*) {
+    f(std::move(std::get<A>(args[I]))..., reply);
+  }
+
+  template <class F, class... A, class R>
+  host_functions& add_awaitable_typed(std::string name, F f, std::tuple<A...>*, R*) {
+    host_function h;
+    h.name = name;
+    h.params = {wire_type<A>::value...};
+    h.returns = wire_type<R>::value;
+    h.async_body = [f = std::move(f)](std::vector<value> args, boost::asio::any_io_executor ex,
+                                      host_completion done) {
+      auto co = [](F fn, std::vector<value> a) -> boost::asio::awaitable<R> {
+        co_return co_await std::apply(
+            [&](auto&&... v) { return fn(std::move(v)...); },
+            take_args(a, std::index_sequence_for<A...>{}, static_cast<std::tuple<A...>*>(nullptr)));
+      };
+      boost::asio::co_spawn(ex, co(f, std::move(args)), [done](std::exception_ptr e, auto... r) {
+        host_call_outcome o;
+        if (e) {
+          o.status = KILN_STATUS_HOST_ERROR;
+          try {
+            std::rethrow_exception(e);
+          } catch (const std::exception& x) {
+            o.message = std::string("host function threw: ") + x.what();
+          } catch (...) {
+            o.message = "host function threw a non-standard exception";
+          }
+        } else if constexpr (sizeof...(r) == 1) {
+          o.result = value{std::move(r)...};
+        }
+        done(std::move(o));
+      });
+    };
+    return add_raw(std::move(h));
+  }
+
+  template <std::size_t... I, class... A>
+  static std::tuple<A...> take_args(std::vector<value>& a, std::index_sequence<I...>,
+                                    std::tuple<A...>*) {
+    return std::tuple<A...>(std::move(std::get<A>(a[I]))...);
   }
 
   std::map<std::string, host_function, std::less<>> functions_;

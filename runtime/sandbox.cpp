@@ -69,12 +69,15 @@ const char* access_name(vcpu::access_kind a) {
 
 // What a hypercall or exit means for the call in progress.
 struct step {
-  enum kind_t { resume, done, fail } kind = resume;
+  enum kind_t { resume, done, fail, interrupted, park } kind = resume;
   value result;
   error err;
+  sandbox::pending_host_call host;
   static step resume_guest() { return {}; }
-  static step finished(value v) { return {done, std::move(v), {}}; }
-  static step failed(error e) { return {fail, {}, std::move(e)}; }
+  static step finished(value v) { return {done, std::move(v), {}, {}}; }
+  static step failed(error e) { return {fail, {}, std::move(e), {}}; }
+  static step kicked() { return {interrupted, {}, {}, {}}; }
+  static step parked(sandbox::pending_host_call h) { return {park, {}, {}, std::move(h)}; }
 };
 
 } // namespace
@@ -88,6 +91,8 @@ struct sandbox::impl {
   error poison;
   bool is_poisoned = false;
   bool ready = false;
+  bool calling = false; // between begin_call and the end of that call
+  std::chrono::steady_clock::time_point call_started;
   sandbox_stats stats;
   std::uint64_t log_budget = 0;
   std::vector<std::byte> scratch; // copy of out_buf for parsing; sized once
@@ -96,7 +101,13 @@ struct sandbox::impl {
       : config(std::move(c)), functions(std::move(f)), mem(std::move(m)) {}
 
   result<void> build(const memory::elf_image& image);
-  result<value> run_until(bool init);
+  result<value> run_until_ready();
+  sandbox::run_state resume();
+  result<void> write_host_result(const host_call_outcome& outcome);
+  void set_poison(error e) {
+    is_poisoned = true;
+    poison = std::move(e);
+  }
   step on_exit(const vcpu::exit& e, bool init);
   step on_hypercall(const vcpu::exits::io_out& io, bool init);
   step host_call(std::uint32_t len);
@@ -254,7 +265,17 @@ step sandbox::impl::host_call(std::uint32_t len) {
   auto msg = wire::decode(*bytes, KILN_MSG_HOST_CALL);
   if (!msg) return step::failed(std::move(msg).err());
   ++stats.host_calls;
-  auto outcome = functions.invoke(msg->name, msg->values);
+  auto checked = functions.check(msg->name, msg->values);
+  if (auto* fn = std::get_if<const host_function*>(&checked); fn && (*fn)->is_async())
+    return step::parked({*fn, std::move(msg->values)});
+  auto outcome = std::holds_alternative<host_call_outcome>(checked)
+                     ? std::get<host_call_outcome>(std::move(checked))
+                     : functions.invoke(msg->name, msg->values);
+  if (auto w = write_host_result(outcome); !w) return step::failed(std::move(w).err());
+  return step::resume_guest();
+}
+
+result<void> sandbox::impl::write_host_result(const host_call_outcome& outcome) {
   std::vector<std::byte>& out = scratch; // reuse: the request copy is no longer needed
   auto n = outcome.status == KILN_STATUS_OK
                ? wire::encode_result(out, KILN_MSG_HOST_RESULT, outcome.result)
@@ -262,9 +283,8 @@ step sandbox::impl::host_call(std::uint32_t len) {
   if (!n) // the host's result does not fit: tell the guest, which can carry on
     n = wire::encode_error(out, KILN_MSG_HOST_RESULT, KILN_STATUS_TOO_LARGE,
                            "host function result does not fit the I/O buffer");
-  if (!n) return step::failed(std::move(n).err());
-  if (auto w = write_in(std::span(out).first(*n)); !w) return step::failed(std::move(w).err());
-  return step::resume_guest();
+  if (!n) return std::move(n).err();
+  return write_in(std::span(out).first(*n));
 }
 
 step sandbox::impl::on_hypercall(const vcpu::exits::io_out& io, bool init) {
@@ -357,7 +377,7 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
       return step::failed(
           error(errc::unexpected_exit, fmt::format("VM entry failed, reason {:#x}", f.reason)));
     }
-    step operator()(const cancelled&) const { return step::failed(error(errc::cancelled)); }
+    step operator()(const cancelled&) const { return step::kicked(); }
     step operator()(const internal_error& i) const {
       return step::failed(
           error(errc::unexpected_exit, fmt::format("{} at rip {:#x}", i.what, i.rip)));
@@ -368,23 +388,50 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
   return std::visit(visitor{*this, init}, e);
 }
 
-result<value> sandbox::impl::run_until(bool init) {
+result<value> sandbox::impl::run_until_ready() {
   log_budget = config.log_budget_per_call;
   for (;;) {
-    const vcpu::exit e = cpu->run();
-    step s = on_exit(e, init);
+    step s = on_exit(cpu->run(), /*init=*/true);
     switch (s.kind) {
     case step::resume:
       continue;
     case step::done:
       return std::move(s.result);
-    case step::fail: {
-      const auto* code = s.err.code.category() == category_of<errc>() ? &s.err.code : nullptr;
-      if (!code || poisons(static_cast<errc>(code->value()))) {
-        is_poisoned = true;
-        poison = s.err;
-      }
+    case step::park: // no worker to run it on during create(): tell the guest
+      if (auto w = write_host_result({KILN_STATUS_HOST_ERROR, value{},
+                                      "asynchronous host functions are not available during init"});
+          !w)
+        return std::move(w).err();
+      continue;
+    case step::interrupted:
+      return error(errc::cancelled, "during guest init");
+    case step::fail:
       return std::move(s.err);
+    }
+  }
+}
+
+sandbox::run_state sandbox::impl::resume() {
+  using rs = sandbox::run_state;
+  for (;;) {
+    step s = on_exit(cpu->run(), /*init=*/false);
+    switch (s.kind) {
+    case step::resume:
+      continue;
+    case step::done:
+      calling = false;
+      stats.last_call_time = std::chrono::steady_clock::now() - call_started;
+      return {rs::done, std::move(s.result), {}, {}};
+    case step::interrupted:
+      return {rs::interrupted, {}, {}, {}};
+    case step::park:
+      return {rs::host_call, {}, {}, std::move(s.host)};
+    case step::fail: {
+      calling = false;
+      stats.last_call_time = std::chrono::steady_clock::now() - call_started;
+      const bool ours = s.err.code.category() == category_of<errc>();
+      if (!ours || poisons(static_cast<errc>(s.err.code.value()))) set_poison(s.err);
+      return {rs::failed, {}, std::move(s.err), {}};
     }
     }
   }
@@ -410,23 +457,72 @@ result<std::unique_ptr<sandbox>> sandbox::create(const sandbox_config& config,
   p->layout = layout;
   KILN_TRY_ASSIGN(p->cpu, vcpu::create(kind));
   KILN_TRY(p->build(image));
-  if (auto r = p->run_until(/*init=*/true); !r)
+  if (auto r = p->run_until_ready(); !r)
     return error(r.err().code, "during guest init: " + r.err().detail);
   p->ready = true;
   p->stats.create_time = std::chrono::steady_clock::now() - t0;
   return std::unique_ptr<sandbox>(new sandbox(std::move(p)));
 }
 
-result<value> sandbox::call(std::string_view name, std::span<const value> args) {
+result<void> sandbox::begin_call(std::string_view name, std::span<const value> args) {
   impl& s = *impl_;
   if (s.is_poisoned) return error(errc::poisoned, s.poison.message());
-  const auto t0 = std::chrono::steady_clock::now();
+  if (s.calling) return error(errc::not_ready, "a call is already in progress");
   KILN_TRY_ASSIGN(auto n, wire::encode_call(s.scratch, KILN_MSG_CALL, name, args));
   KILN_TRY(s.write_in(std::span(s.scratch).first(n)));
   ++s.stats.calls;
-  auto r = s.run_until(/*init=*/false);
-  s.stats.last_call_time = std::chrono::steady_clock::now() - t0;
-  return r;
+  s.calling = true;
+  s.call_started = std::chrono::steady_clock::now();
+  s.log_budget = s.config.log_budget_per_call;
+  return {};
+}
+
+sandbox::run_state sandbox::resume() {
+  impl& s = *impl_;
+  if (!s.calling) return {run_state::failed, {}, error(errc::not_ready, "no call in progress"), {}};
+  return s.resume();
+}
+
+result<void> sandbox::finish_host_call(const host_call_outcome& outcome) {
+  impl& s = *impl_;
+  if (!s.calling) return error(errc::not_ready, "no call in progress");
+  return s.write_host_result(outcome);
+}
+
+void sandbox::poison_with(error why) {
+  impl_->calling = false;
+  impl_->set_poison(std::move(why));
+}
+
+bool sandbox::in_call() const noexcept {
+  return impl_->calling;
+}
+
+result<value> sandbox::call(std::string_view name, std::span<const value> args) {
+  KILN_TRY(begin_call(name, args));
+  for (;;) {
+    run_state r = resume();
+    switch (r.kind) {
+    case run_state::done:
+      return std::move(r.result);
+    case run_state::failed:
+      return std::move(r.err);
+    case run_state::interrupted:
+      poison_with(error(errc::cancelled));
+      return error(errc::cancelled);
+    case run_state::host_call:
+      // An asynchronous host function needs a worker to wait on; the guest hears why.
+      if (auto w =
+              finish_host_call({KILN_STATUS_HOST_ERROR, value{},
+                                r.host.function->name +
+                                    " is asynchronous: it needs a sandbox run by kiln::runtime"});
+          !w) {
+        poison_with(w.err());
+        return std::move(w).err();
+      }
+      continue;
+    }
+  }
 }
 
 void sandbox::kick() noexcept {

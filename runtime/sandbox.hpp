@@ -16,6 +16,7 @@
 #include <string>
 #include <string_view>
 #include <type_traits>
+#include <vector>
 
 namespace kiln {
 
@@ -79,7 +80,34 @@ public:
   }
 
   /// Makes a running call return errc::cancelled promptly (and poison the sandbox). Any thread.
+  /// (Under kiln::runtime, kicks also drive time slicing; see resume().)
   void kick() noexcept;
+
+  // ---- Resumable form of call(), for kiln::runtime -------------------------------------------
+  // begin_call() writes the request; resume() runs the guest until the call finishes, fails,
+  // is interrupted by kick(), or reaches an asynchronous host function (the sandbox is then
+  // parked: hand the function's outcome back with finish_host_call() before resuming).
+  // call() is begin_call() plus resume() until done. Same thread rules as call().
+
+  /// An asynchronous host function the guest called, with checked arguments.
+  struct pending_host_call {
+    const host_function* function = nullptr;
+    std::vector<value> args;
+  };
+  struct run_state {
+    enum kind_t { done, failed, interrupted, host_call } kind = done;
+    value result;           // done
+    error err;              // failed (poisoning errors have already poisoned the sandbox)
+    pending_host_call host; // host_call
+  };
+  result<void> begin_call(std::string_view name, std::span<const value> args);
+  run_state resume();
+  /// Hands an asynchronous host function's outcome to the guest (written to its in-buffer).
+  result<void> finish_host_call(const host_call_outcome& outcome);
+  /// Poisons the sandbox with `why` (the runtime does this for a cancelled or expired call).
+  void poison_with(error why);
+  /// True between begin_call() and the end of that call.
+  bool in_call() const noexcept;
 
   bool poisoned() const noexcept;
   /// Why the sandbox is poisoned (empty error if it is not).
