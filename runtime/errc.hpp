@@ -25,6 +25,7 @@ enum class errc {
   bad_arguments,      // wrong argument count or types for the guest function
   guest_error,        // the guest function reported an error (its message in the detail)
   result_too_large,   // the call or its result does not fit the I/O buffer
+  queue_full,         // too many calls already wait for this sandbox (kiln::runtime)
 };
 
 /// True for errors after which the sandbox is poisoned. One exhaustive switch decides.
@@ -67,6 +68,8 @@ template <> struct kiln::errc_traits<kiln::errc> {
       return "guest function failed";
     case result_too_large:
       return "message too large for the I/O buffer";
+    case queue_full:
+      return "sandbox call queue full";
     case not_ready:
       return "sandbox not ready";
     case backend_failure:

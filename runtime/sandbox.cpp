@@ -39,6 +39,7 @@ bool poisons(errc e) noexcept {
   case errc::bad_arguments:
   case errc::guest_error:
   case errc::result_too_large:
+  case errc::queue_full:
     return false;
   }
   return true;

@@ -1,0 +1,178 @@
+// kiln::runtime: an Asio reactor of vCPU workers that runs sandboxes asynchronously.
+//
+// Threading model
+//   A runtime owns N worker threads, each running its own io_context, and one service thread
+//   (its own io_context) that keeps deadlines, preempts long guest runs and delivers kicks.
+//   Each sandbox is bound to one worker for its whole life: its vCPU is created, run and
+//   destroyed on that thread, and all its state is touched only there, so the call path takes
+//   no locks. A call issued from code already running on the sandbox's worker crosses no
+//   thread; from elsewhere it is posted to the worker once.
+//
+// Completion tokens
+//   Every async_* function takes an Asio completion token: a callback, boost::asio::use_future,
+//   boost::asio::use_awaitable, boost::asio::deferred, or anything else Asio accepts. The
+//   completion runs on the handler's associated executor (by default the sandbox's worker) and
+//   the handler's cancellation slot is honoured (see async_call).
+#pragma once
+
+#include <kiln/runtime/sandbox.hpp>
+
+#include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/async_result.hpp>
+#include <boost/asio/io_context.hpp>
+#include <boost/system/error_code.hpp>
+
+#include <chrono>
+#include <cstdint>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace kiln {
+
+using error_code = boost::system::error_code;
+
+struct runtime_options {
+  unsigned workers = 0; // 0: one per hardware thread
+  /// A guest that computes longer than this is kicked and re-queued behind the other work of
+  /// its worker, so a neighbour's call waits at most about one slice.
+  std::chrono::microseconds time_slice{10'000};
+  /// Calls waiting per sandbox (the running one excluded); beyond it errc::queue_full.
+  std::size_t max_queued_calls = 1024;
+};
+
+struct call_options {
+  /// Deadline measured from the call's submission (queueing included); zero: none.
+  std::chrono::steady_clock::duration timeout{};
+};
+
+struct runtime_stats {
+  std::uint64_t sandboxes = 0;   // alive now
+  std::uint64_t calls = 0;       // completed, successfully or not
+  std::uint64_t preemptions = 0; // time slices that ended with a kick
+  std::uint64_t stale_kicks = 0; // kicks that arrived after their call had finished
+};
+
+namespace detail {
+struct runtime_impl;
+struct sandbox_core;
+using call_handler = boost::asio::any_completion_handler<void(error_code, value)>;
+using destroy_handler = boost::asio::any_completion_handler<void(error_code)>;
+} // namespace detail
+
+class async_sandbox;
+
+namespace detail {
+using create_handler = boost::asio::any_completion_handler<void(error_code, async_sandbox)>;
+void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
+                std::vector<value> args, call_options options, call_handler handler);
+void start_destroy(const std::shared_ptr<sandbox_core>& core, destroy_handler handler);
+void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
+                  host_functions functions, create_handler handler);
+} // namespace detail
+
+/// A handle to a sandbox running under a kiln::runtime. Copyable; copies name the same sandbox.
+/// All members are thread-safe. The sandbox lives until async_destroy() completes or the
+/// runtime stops (dropping every handle does not destroy it: destruction is explicit, like
+/// closing a socket).
+class async_sandbox {
+public:
+  async_sandbox() = default;
+
+  /// False for a default-constructed handle or one from a failed async_create.
+  explicit operator bool() const noexcept { return core_ != nullptr; }
+
+  /// Calls guest function `name`. Completion: void(error_code, kiln::value).
+  ///
+  /// Calls to one sandbox run one at a time in submission order; at most
+  /// runtime_options::max_queued_calls wait, beyond that the call fails with errc::queue_full.
+  /// Errors are kiln::errc values (compare with `ec == kiln::errc::...`), plus
+  /// boost::asio::error::operation_aborted when the call was cancelled before it started or
+  /// the runtime stopped. A call cancelled (through the handler's cancellation slot, any
+  /// cancellation type) or timed out while the guest runs completes with errc::cancelled or
+  /// errc::deadline_exceeded and poisons the sandbox, because the guest stopped mid-way; while
+  /// the guest waits for an asynchronous host function, the cancellation takes effect when the
+  /// guest would resume. A cancellation after completion does nothing. last_error() gives the
+  /// detail of the most recent failure.
+  template <class Token>
+  auto async_call(std::string name, std::vector<value> args, call_options options,
+                  Token&& token) const {
+    return boost::asio::async_initiate<Token, void(error_code, value)>(
+        [core = core_](auto handler, std::string n, std::vector<value> a, call_options o) {
+          detail::start_call(core, std::move(n), std::move(a), o,
+                             detail::call_handler(std::move(handler)));
+        },
+        token, std::move(name), std::move(args), options);
+  }
+  template <class Token>
+  auto async_call(std::string name, std::vector<value> args, Token&& token) const {
+    return async_call(std::move(name), std::move(args), call_options{}, std::forward<Token>(token));
+  }
+
+  /// Destroys the sandbox on its worker after the calls already queued have completed (they
+  /// run first). Later calls fail with boost::asio::error::bad_descriptor.
+  /// Completion: void(error_code).
+  template <class Token> auto async_destroy(Token&& token) const {
+    return boost::asio::async_initiate<Token, void(error_code)>(
+        [core = core_](auto handler) {
+          detail::start_destroy(core, detail::destroy_handler(std::move(handler)));
+        },
+        token);
+  }
+
+  /// The worker's executor: code posted here runs on the sandbox's own thread.
+  boost::asio::io_context::executor_type get_executor() const;
+
+  /// Detail of the most recent failed call (or of the failed creation).
+  error last_error() const;
+  bool poisoned() const;
+  error poison_reason() const;
+  sandbox_stats stats() const;
+  vcpu::backend_kind backend() const;
+  /// Index of the worker the sandbox is bound to.
+  unsigned worker() const;
+
+private:
+  friend struct detail::sandbox_core;
+  friend void detail::start_create(const std::shared_ptr<detail::runtime_impl>&, sandbox_config,
+                                   host_functions, detail::create_handler);
+  explicit async_sandbox(std::shared_ptr<detail::sandbox_core> core) : core_(std::move(core)) {}
+  std::shared_ptr<detail::sandbox_core> core_;
+  std::shared_ptr<const error> create_error_;
+};
+
+/// The runtime: workers, a service thread, and the sandboxes bound to them.
+class runtime {
+public:
+  explicit runtime(runtime_options options = {});
+  /// Stops (see stop()) and joins every thread.
+  ~runtime();
+  runtime(const runtime&) = delete;
+  runtime& operator=(const runtime&) = delete;
+
+  /// Creates a sandbox on the least loaded worker (its vCPU is created and initialised there).
+  /// Completion: void(error_code, async_sandbox); on failure the handle is empty and its
+  /// last_error() has the detail.
+  template <class Token>
+  auto async_create(sandbox_config config, host_functions functions, Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, async_sandbox)>(
+        [rt = impl_](auto handler, sandbox_config c, host_functions f) {
+          detail::start_create(rt, std::move(c), std::move(f),
+                               detail::create_handler(std::move(handler)));
+        },
+        token, std::move(config), std::move(functions));
+  }
+
+  /// Graceful stop: every queued or running call completes with operation_aborted (a running
+  /// guest is kicked), every sandbox is destroyed on its worker, then all threads are joined.
+  /// Idempotent; must not be called from a worker or service thread.
+  void stop();
+
+  unsigned worker_count() const noexcept;
+  runtime_stats stats() const noexcept;
+
+private:
+  std::shared_ptr<detail::runtime_impl> impl_;
+};
+
+} // namespace kiln

@@ -1,0 +1,309 @@
+// End to end: kiln::runtime with every completion style, async host functions, deadlines,
+// cancellation, time slicing, queue limits and graceful stop.
+#include "backend_fixture.hpp"
+
+#include <kiln/runtime/runtime.hpp>
+
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/cancellation_signal.hpp>
+#include <boost/asio/co_spawn.hpp>
+#include <boost/asio/deferred.hpp>
+#include <boost/asio/detached.hpp>
+#include <boost/asio/steady_timer.hpp>
+#include <boost/asio/use_awaitable.hpp>
+#include <boost/asio/use_future.hpp>
+
+#include <chrono>
+#include <future>
+#include <thread>
+
+namespace kiln::test {
+namespace {
+namespace asio = boost::asio;
+using namespace std::chrono_literals;
+
+class runtime_test : public backend_test {
+protected:
+  async_sandbox create(runtime& rt, const std::string& guest, host_functions fns = {}) {
+    auto f = rt.async_create(config_for(guest), std::move(fns), asio::use_future);
+    auto sb = f.get();
+    EXPECT_TRUE(sb) << sb.last_error().message();
+    return sb;
+  }
+  static host_functions adders() {
+    host_functions fns;
+    fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
+    return fns;
+  }
+};
+
+TEST_F(runtime_test, future_style) {
+  runtime rt({.workers = 2});
+  auto sb = create(rt, "calc");
+  ASSERT_TRUE(sb);
+  auto v = sb.async_call("add_i32", {2, 3}, asio::use_future).get();
+  EXPECT_EQ(std::get<std::int32_t>(v), 5);
+}
+
+TEST_F(runtime_test, future_style_reports_errors_as_system_error) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "calc");
+  ASSERT_TRUE(sb);
+  auto f = sb.async_call("no_such_function", {}, asio::use_future);
+  try {
+    f.get();
+    FAIL() << "expected an exception";
+  } catch (const boost::system::system_error& e) {
+    EXPECT_EQ(e.code(), errc::function_not_found);
+  }
+  EXPECT_EQ(sb.last_error().code, errc::function_not_found);
+}
+
+TEST_F(runtime_test, callback_style_completes_on_the_worker) {
+  runtime rt({.workers = 2});
+  auto sb = create(rt, "calc");
+  ASSERT_TRUE(sb);
+  std::promise<std::pair<error_code, value>> p;
+  std::atomic<bool> on_worker{false};
+  sb.async_call("mul_i32", {6, 7}, [&](error_code ec, value v) {
+    on_worker = sb.get_executor().running_in_this_thread();
+    p.set_value({ec, std::move(v)});
+  });
+  auto [ec, v] = p.get_future().get();
+  EXPECT_FALSE(ec);
+  EXPECT_EQ(std::get<std::int32_t>(v), 42);
+  EXPECT_TRUE(on_worker);
+}
+
+TEST_F(runtime_test, coroutine_style_and_same_worker_calls) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "calc", adders());
+  ASSERT_TRUE(sb);
+  auto f = asio::co_spawn(
+      sb.get_executor(),
+      [sb]() -> asio::awaitable<std::int64_t> {
+        std::int64_t sum = 0;
+        for (int i = 0; i < 100; ++i) {
+          // (GCC 12 miscompiles a string literal argument inside co_await: name it first.)
+          std::vector<value> args{std::string("host_add"), std::int64_t{i}, std::int64_t{1}};
+          value v = co_await sb.async_call(std::string("call_host"), std::move(args),
+                                           asio::use_awaitable);
+          sum += std::get<std::int64_t>(v);
+        }
+        co_return sum;
+      },
+      asio::use_future);
+  EXPECT_EQ(f.get(), 5050);
+}
+
+TEST_F(runtime_test, deferred_style) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "calc");
+  ASSERT_TRUE(sb);
+  auto op = sb.async_call("add_i64", {std::int64_t{40}, std::int64_t{2}}, asio::deferred);
+  // Nothing runs until the deferred operation is launched.
+  auto v = std::move(op)(asio::use_future).get();
+  EXPECT_EQ(std::get<std::int64_t>(v), 42);
+}
+
+TEST_F(runtime_test, async_host_function_parks_the_guest) {
+  runtime rt({.workers = 1});
+  host_functions fns;
+  std::thread replier;
+  fns.add_async<std::int64_t(std::int64_t, std::int64_t)>(
+      "host_add", [&](std::int64_t a, std::int64_t b, host_reply<std::int64_t> reply) {
+        // Reply from another thread, later: the worker must stay free meanwhile.
+        replier = std::thread([=] {
+          std::this_thread::sleep_for(20ms);
+          reply(a + b);
+        });
+      });
+  auto sb = create(rt, "calc", std::move(fns));
+  auto other = create(rt, "calc");
+  ASSERT_TRUE(sb && other);
+  auto slow = sb.async_call(
+      "call_host", {std::string("host_add"), std::int64_t{40}, std::int64_t{2}}, asio::use_future);
+  // While the first guest waits on its host function, the same worker serves another sandbox.
+  auto fast = other.async_call("add_i32", {1, 1}, asio::use_future);
+  EXPECT_EQ(fast.wait_for(2s), std::future_status::ready);
+  EXPECT_EQ(std::get<std::int32_t>(fast.get()), 2);
+  EXPECT_EQ(std::get<std::int64_t>(slow.get()), 42);
+  replier.join();
+}
+
+TEST_F(runtime_test, awaitable_host_function) {
+  runtime rt({.workers = 1});
+  host_functions fns;
+  fns.add_awaitable("host_add",
+                    [](std::int64_t a, std::int64_t b) -> asio::awaitable<std::int64_t> {
+                      asio::steady_timer t(co_await asio::this_coro::executor, 5ms);
+                      co_await t.async_wait(asio::use_awaitable);
+                      co_return a * 100 + b;
+                    });
+  fns.add_awaitable("host_throw", [](std::int64_t, std::int64_t) -> asio::awaitable<std::int64_t> {
+    throw std::runtime_error("nope");
+    co_return 0;
+  });
+  auto sb = create(rt, "calc", std::move(fns));
+  ASSERT_TRUE(sb);
+  auto v = sb.async_call("call_host", {std::string("host_add"), std::int64_t{4}, std::int64_t{2}},
+                         asio::use_future)
+               .get();
+  EXPECT_EQ(std::get<std::int64_t>(v), 402);
+  auto f = sb.async_call("call_host", {std::string("host_throw"), std::int64_t{4}, std::int64_t{2}},
+                         asio::use_future);
+  EXPECT_THROW(f.get(), boost::system::system_error); // guest reports the host error
+  EXPECT_FALSE(sb.poisoned());
+}
+
+TEST_F(runtime_test, deadline_kills_a_spinning_guest_and_poisons) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "faults");
+  ASSERT_TRUE(sb);
+  const auto t0 = std::chrono::steady_clock::now();
+  auto f = sb.async_call("spin", {}, call_options{.timeout = 50ms}, asio::use_future);
+  try {
+    f.get();
+    FAIL();
+  } catch (const boost::system::system_error& e) {
+    EXPECT_EQ(e.code(), errc::deadline_exceeded);
+  }
+  EXPECT_LT(std::chrono::steady_clock::now() - t0, 5s);
+  EXPECT_TRUE(sb.poisoned());
+  auto again = sb.async_call("log_hello", {}, asio::use_future);
+  try {
+    again.get();
+    FAIL();
+  } catch (const boost::system::system_error& e) {
+    EXPECT_EQ(e.code(), errc::poisoned);
+  }
+}
+
+TEST_F(runtime_test, cancellation_slot_cancels_a_running_guest) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "faults");
+  ASSERT_TRUE(sb);
+  asio::cancellation_signal sig;
+  std::promise<error_code> p;
+  asio::post(sb.get_executor(), [&] {
+    sb.async_call("spin", {}, asio::bind_cancellation_slot(sig.slot(), [&](error_code ec, value) {
+                    p.set_value(ec);
+                  }));
+  });
+  std::this_thread::sleep_for(30ms);
+  // Emit on the worker, as Asio requires for a cancellation slot.
+  asio::post(sb.get_executor(), [&] { sig.emit(asio::cancellation_type::terminal); });
+  auto fut = p.get_future();
+  ASSERT_EQ(fut.wait_for(5s), std::future_status::ready);
+  EXPECT_EQ(fut.get(), errc::cancelled);
+  EXPECT_TRUE(sb.poisoned());
+}
+
+TEST_F(runtime_test, cancelling_a_queued_call_does_not_poison) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "faults");
+  ASSERT_TRUE(sb);
+  auto spin = sb.async_call("spin", {}, call_options{.timeout = 200ms}, asio::use_future);
+  asio::cancellation_signal sig;
+  std::promise<error_code> p;
+  asio::post(sb.get_executor(), [&] {
+    sb.async_call(
+        "log_hello", {},
+        asio::bind_cancellation_slot(sig.slot(), [&](error_code ec, value) { p.set_value(ec); }));
+    sig.emit(asio::cancellation_type::terminal); // still queued behind the spinning call
+  });
+  EXPECT_EQ(p.get_future().get(), asio::error::operation_aborted);
+  EXPECT_THROW(spin.get(), boost::system::system_error);
+}
+
+TEST_F(runtime_test, time_slicing_lets_a_neighbour_run) {
+  runtime rt({.workers = 1, .time_slice = 5ms});
+  auto spinner = create(rt, "faults");
+  auto neighbour = create(rt, "calc");
+  ASSERT_TRUE(spinner && neighbour);
+  ASSERT_EQ(spinner.worker(), neighbour.worker());
+  auto spin = spinner.async_call("spin", {}, call_options{.timeout = 600ms}, asio::use_future);
+  std::this_thread::sleep_for(20ms); // the spinner is in the guest now
+  const auto t0 = std::chrono::steady_clock::now();
+  auto v = neighbour.async_call("add_i32", {2, 2}, asio::use_future).get();
+  const auto waited = std::chrono::steady_clock::now() - t0;
+  EXPECT_EQ(std::get<std::int32_t>(v), 4);
+  EXPECT_LT(waited, 1s) << "the neighbour waited for the whole spin";
+  EXPECT_GT(rt.stats().preemptions, 0u);
+  EXPECT_THROW(spin.get(), boost::system::system_error); // deadline
+}
+
+TEST_F(runtime_test, queue_is_bounded) {
+  runtime rt({.workers = 1, .max_queued_calls = 4});
+  auto sb = create(rt, "faults");
+  ASSERT_TRUE(sb);
+  std::vector<std::future<value>> fs;
+  std::promise<void> gate;
+  // Fill the queue from the worker itself so that nothing runs in between.
+  asio::post(sb.get_executor(), [&] {
+    fs.push_back(sb.async_call("spin", {}, call_options{.timeout = 100ms}, asio::use_future));
+    for (int i = 0; i < 6; ++i)
+      fs.push_back(sb.async_call("log_hello", {}, asio::use_future));
+    gate.set_value();
+  });
+  gate.get_future().get();
+  int full = 0;
+  for (auto& f : fs) {
+    try {
+      f.get();
+    } catch (const boost::system::system_error& e) {
+      if (e.code() == errc::queue_full) ++full;
+    }
+  }
+  EXPECT_EQ(full, 2); // 1 running + 4 queued accepted, 2 refused
+}
+
+TEST_F(runtime_test, stop_aborts_outstanding_calls) {
+  auto rt = std::make_unique<runtime>(runtime_options{.workers = 1});
+  auto sb = create(*rt, "faults");
+  ASSERT_TRUE(sb);
+  auto spin = sb.async_call("spin", {}, asio::use_future);
+  auto queued = sb.async_call("log_hello", {}, asio::use_future);
+  std::this_thread::sleep_for(20ms);
+  rt->stop();
+  for (auto* f : {&spin, &queued}) {
+    try {
+      f->get();
+      ADD_FAILURE() << "expected operation_aborted";
+    } catch (const boost::system::system_error& e) {
+      EXPECT_EQ(e.code(), asio::error::operation_aborted);
+    }
+  }
+  auto late = sb.async_call("log_hello", {}, asio::use_future);
+  EXPECT_THROW(late.get(), boost::system::system_error);
+}
+
+TEST_F(runtime_test, destroy_then_call_fails_cleanly) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "calc");
+  ASSERT_TRUE(sb);
+  sb.async_destroy(asio::use_future).get();
+  EXPECT_EQ(rt.stats().sandboxes, 0u);
+  auto f = sb.async_call("add_i32", {1, 2}, asio::use_future);
+  EXPECT_THROW(f.get(), boost::system::system_error);
+}
+
+TEST_F(runtime_test, create_failure_carries_the_detail) {
+  runtime rt({.workers = 1});
+  auto c = config_for("init_abort");
+  auto f = rt.async_create(c, {}, asio::use_future);
+  try {
+    f.get();
+    FAIL();
+  } catch (const boost::system::system_error& e) {
+    EXPECT_EQ(e.code(), errc::guest_aborted);
+  }
+  std::promise<async_sandbox> p;
+  rt.async_create(c, {}, [&](error_code, async_sandbox sb) { p.set_value(sb); });
+  auto sb = p.get_future().get();
+  EXPECT_FALSE(sb);
+  EXPECT_NE(sb.last_error().message().find("during guest init"), std::string::npos);
+}
+
+} // namespace
+} // namespace kiln::test
