@@ -72,6 +72,7 @@ struct call_op {
   std::atomic<std::uint64_t> gen{0};            // set when the call starts in the guest
   std::atomic<unsigned> stop{none};             // cancel / deadline / shutdown, first one wins
   std::unique_ptr<asio::steady_timer> deadline; // service thread only
+  asio::io_context* service = nullptr;          // set when the call has a deadline
   bool started = false;                         // (W)
   bool parked = false;                          // (W) waiting for an async host function
   bool done = false;                            // (W)
@@ -132,8 +133,16 @@ struct sandbox_core : std::enable_shared_from_this<sandbox_core> {
 
 namespace {
 
-void complete_call(call_op& op, error_code ec, value v) {
+// Completes `op` on its handler's executor. The deadline timer, if any, is cancelled on the
+// service thread (its only thread), which also releases the timer's reference to the op.
+void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value v) {
+  call_op& op = *op_ptr;
+  op.done = true;
   op.slot.clear();
+  if (op.service)
+    asio::post(*op.service, [op_ptr] {
+      if (op_ptr->deadline) op_ptr->deadline->cancel();
+    });
   auto h = std::move(op.handler);
   auto ex = op.ex;
   // Dispatch: a handler whose executor is this worker's runs inline, crossing no thread.
@@ -181,7 +190,7 @@ void sandbox_core::on_stop_request(const std::shared_ptr<call_op>& op) {
   queue.erase(it);
   op->done = true;
   const unsigned r = op->stop.load();
-  complete_call(*op,
+  complete_call(op,
                 r == deadline ? error_code(std::error_code(errc::deadline_exceeded))
                               : error_code(asio::error::operation_aborted),
                 value{});
@@ -192,13 +201,13 @@ void sandbox_core::enqueue(std::shared_ptr<call_op> op) {
   if (destroying || destroyed || rt->stopping.load()) {
     op->done = true;
     complete_call(
-        *op, destroyed || destroying ? asio::error::bad_descriptor : asio::error::operation_aborted,
+        op, destroyed || destroying ? asio::error::bad_descriptor : asio::error::operation_aborted,
         value{});
     return;
   }
   if (queue.size() >= rt->options.max_queued_calls) {
     op->done = true;
-    complete_call(*op, std::error_code(errc::queue_full), value{});
+    complete_call(op, std::error_code(errc::queue_full), value{});
     return;
   }
   queue.push_back(std::move(op));
@@ -323,9 +332,7 @@ void sandbox_core::finish(const std::shared_ptr<call_op>& op, error_code ec, val
     last_error = *detail;
   }
   publish();
-  if (op->deadline) // the timer lives on the service thread: cancel it there
-    asio::post(rt->service, [op] { op->deadline->cancel(); });
-  complete_call(*op, ec, std::move(v));
+  complete_call(op, ec, std::move(v));
   rt->calls.fetch_add(1);
   if (!current && !queue.empty())
     asio::post(executor(), [self = shared_from_this()] { self->pump(); });
@@ -463,7 +470,7 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
   op->ex = std::move(ex);
   if (!core) {
     op->done = true;
-    return complete_call(*op, asio::error::bad_descriptor, value{});
+    return complete_call(op, asio::error::bad_descriptor, value{});
   }
   if (op->slot.is_connected()) {
     std::weak_ptr<sandbox_core> weak = core;
@@ -475,6 +482,7 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
     });
   }
   if (options.timeout > clock_type::duration::zero()) {
+    op->service = &core->rt->service;
     asio::post(core->rt->service, [core, op, timeout = options.timeout] {
       op->deadline = std::make_unique<asio::steady_timer>(core->rt->service, timeout);
       op->deadline->async_wait([core, op](error_code ec) {
@@ -484,7 +492,7 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
   }
   if (core->rt->stopping.load()) {
     op->done = true;
-    return complete_call(*op, asio::error::operation_aborted, value{});
+    return complete_call(op, asio::error::operation_aborted, value{});
   }
   if (core->on_worker()) return core->enqueue(std::move(op)); // crosses no thread
   asio::post(core->executor(),
