@@ -116,7 +116,6 @@ struct sandbox_core : std::enable_shared_from_this<sandbox_core> {
   vcpu::backend_kind backend{};
 
   asio::io_context::executor_type executor() const { return w->ctx.get_executor(); }
-  bool on_worker() const { return w->ctx.get_executor().running_in_this_thread(); }
 
   void enqueue(std::shared_ptr<call_op> op);
   void pump();
@@ -135,7 +134,9 @@ namespace {
 
 // Completes `op` on its handler's executor. The deadline timer, if any, is cancelled on the
 // service thread (its only thread), which also releases the timer's reference to the op.
-void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value v) {
+// `immediate`: completing inside the initiating function, so post rather than dispatch.
+void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value v,
+                   bool immediate = false) {
   call_op& op = *op_ptr;
   op.done = true;
   op.slot.clear();
@@ -146,6 +147,14 @@ void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value 
   auto h = std::move(op.handler);
   auto ex = op.ex;
   // Dispatch: a handler whose executor is this worker's runs inline, crossing no thread.
+  if (immediate) { // any_completion_executor cannot post: hop through the system executor
+    asio::post(asio::system_executor(), [ex, h = std::move(h), ec, v = std::move(v)]() mutable {
+      asio::dispatch(ex, [h = std::move(h), ec, v = std::move(v)]() mutable {
+        std::move(h)(ec, std::move(v));
+      });
+    });
+    return;
+  }
   asio::dispatch(
       ex, [h = std::move(h), ec, v = std::move(v)]() mutable { std::move(h)(ec, std::move(v)); });
 }
@@ -417,10 +426,12 @@ void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config
   auto fail = [&](error e) {
     async_sandbox empty;
     empty.create_error_ = std::make_shared<const error>(e);
-    asio::dispatch(asio::any_completion_executor(ex),
-                   [h = std::move(handler), ec = to_error_code(e), empty]() mutable {
-                     std::move(h)(ec, empty);
-                   });
+    // Inside the initiating function: never inline; then on the handler's own executor.
+    asio::post(asio::system_executor(), [ex, h = std::move(handler), ec = to_error_code(e),
+                                         empty]() mutable {
+      asio::dispatch(asio::any_completion_executor(ex),
+                     [h = std::move(h), ec, empty]() mutable { std::move(h)(ec, empty); });
+    });
   };
   if (!rt || rt->stopping.load()) return fail(error(aborted(), "runtime stopped"));
   worker& w = rt->pick_worker();
@@ -470,7 +481,7 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
   op->ex = std::move(ex);
   if (!core) {
     op->done = true;
-    return complete_call(op, asio::error::bad_descriptor, value{});
+    return complete_call(op, asio::error::bad_descriptor, value{}, /*immediate=*/true);
   }
   if (op->slot.is_connected()) {
     std::weak_ptr<sandbox_core> weak = core;
@@ -492,9 +503,10 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
   }
   if (core->rt->stopping.load()) {
     op->done = true;
-    return complete_call(op, asio::error::operation_aborted, value{});
+    return complete_call(op, asio::error::operation_aborted, value{}, /*immediate=*/true);
   }
-  if (core->on_worker()) return core->enqueue(std::move(op)); // crosses no thread
+  // Always posted, never run inline: the handler must not run inside this initiating function
+  // (Asio's rule). From the sandbox's own worker the post crosses no thread.
   asio::post(core->executor(),
              [core, op = std::move(op)]() mutable { core->enqueue(std::move(op)); });
 }
@@ -502,8 +514,11 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
 void start_destroy(const std::shared_ptr<sandbox_core>& core, destroy_handler handler) {
   if (!core) {
     auto ex = asio::get_associated_executor(handler, asio::system_executor());
-    return asio::dispatch(
-        ex, [h = std::move(handler)]() mutable { std::move(h)(asio::error::bad_descriptor); });
+    // Inside the initiating function: never inline.
+    return asio::post(asio::system_executor(), [ex, h = std::move(handler)]() mutable {
+      asio::dispatch(ex,
+                     [h = std::move(h)]() mutable { std::move(h)(asio::error::bad_descriptor); });
+    });
   }
   asio::post(core->executor(), [core, handler = std::move(handler)]() mutable {
     if (core->destroyed) {

@@ -5,6 +5,7 @@
 #include <kiln/runtime/runtime.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
 #include <boost/asio/co_spawn.hpp>
 #include <boost/asio/deferred.hpp>
@@ -73,6 +74,36 @@ TEST_F(runtime_test, callback_style_completes_on_the_worker) {
   EXPECT_FALSE(ec);
   EXPECT_EQ(std::get<std::int32_t>(v), 42);
   EXPECT_TRUE(on_worker);
+}
+
+TEST_F(runtime_test, completion_runs_on_the_handlers_executor_never_inside_the_call) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "calc");
+  ASSERT_TRUE(sb);
+  asio::io_context mine;
+  bool ran_on_mine = false, inline_call = false;
+  std::atomic<bool> returned{false};
+  sb.async_call("add_i32", {1, 2}, asio::bind_executor(mine, [&](error_code ec, value v) {
+                  inline_call = !returned;
+                  ran_on_mine = mine.get_executor().running_in_this_thread() && !ec &&
+                                std::get<std::int32_t>(v) == 3;
+                }));
+  returned = true;
+  mine.run(); // returns once the call completed: it tracked work on `mine` until then
+  EXPECT_TRUE(ran_on_mine);
+  EXPECT_FALSE(inline_call);
+  // A call on a destroyed sandbox fails at once, still not inside the initiating function.
+  sb.async_destroy(asio::use_future).get();
+  returned = false;
+  std::atomic<bool> failed_inline{false};
+  std::promise<error_code> p;
+  sb.async_call("add_i32", {1, 2}, [&](error_code ec, value) {
+    failed_inline = !returned;
+    p.set_value(ec);
+  });
+  returned = true;
+  EXPECT_EQ(p.get_future().get(), asio::error::bad_descriptor);
+  EXPECT_FALSE(failed_inline);
 }
 
 TEST_F(runtime_test, coroutine_style_and_same_worker_calls) {
