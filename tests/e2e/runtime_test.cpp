@@ -15,6 +15,8 @@
 #include <boost/asio/use_future.hpp>
 
 #include <chrono>
+#include <filesystem>
+#include <fstream>
 #include <future>
 #include <thread>
 
@@ -307,6 +309,43 @@ TEST_F(runtime_test, stop_aborts_outstanding_calls) {
   }
   auto late = sb.async_call("log_hello", {}, asio::use_future);
   EXPECT_THROW(late.get(), boost::system::system_error);
+}
+
+std::size_t count_entries(const char* dir) {
+  std::size_t n = 0;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir)) ++n;
+  return n;
+}
+std::size_t count_lines(const char* file) {
+  std::ifstream in(file);
+  std::size_t n = 0;
+  for (std::string line; std::getline(in, line);) ++n;
+  return n;
+}
+
+TEST_F(runtime_test, stop_leaks_no_threads_fds_or_mappings) {
+  auto round = [&] {
+    runtime rt({.workers = 3});
+    std::vector<async_sandbox> all;
+    for (int i = 0; i < 6; ++i) all.push_back(create(rt, "calc"));
+    for (auto& sb : all) sb.async_call("add_i32", {1, 2}, asio::use_future).get();
+    auto spin = create(rt, "faults");
+    auto f = spin.async_call("spin", {}, asio::use_future);
+    std::this_thread::sleep_for(10ms);
+    rt.stop();
+    EXPECT_THROW(f.get(), boost::system::system_error);
+    EXPECT_EQ(rt.stats().sandboxes, 0u);
+  };
+  // The first round creates process-wide state that stays by design (probe results, the KVM
+  // system fd, glibc's per-thread malloc arenas); later rounds must not add to it.
+  round();
+  const auto threads = count_entries("/proc/self/task");
+  const auto fds = count_entries("/proc/self/fd");
+  const auto maps = count_lines("/proc/self/maps");
+  for (int i = 0; i < 3; ++i) round();
+  EXPECT_EQ(count_entries("/proc/self/task"), threads);
+  EXPECT_EQ(count_entries("/proc/self/fd"), fds);
+  EXPECT_LE(count_lines("/proc/self/maps"), maps + 2);
 }
 
 TEST_F(runtime_test, destroy_then_call_fails_cleanly) {
