@@ -9,6 +9,7 @@
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
+#include <boost/asio/redirect_error.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
 #include <boost/system/system_error.hpp>
@@ -33,12 +34,12 @@ using clock_type = std::chrono::steady_clock;
 using namespace std::chrono_literals;
 
 struct options {
-  int calls = 2000;         // sequential calls per latency measurement
+  int calls = 5000;         // sequential calls per latency measurement
   int repeat = 3;           // latency measurements per row (the median is printed)
   unsigned sandboxes = 32;  // throughput: sandboxes per runtime
-  int tput_calls = 500;     // throughput: sequential calls per sandbox
+  int tput_calls = 2000;    // throughput: sequential calls per sandbox
   unsigned workers_max = 0; // throughput: 0 = hardware threads
-  int samples = 200;        // fairness: latency samples per configuration
+  int samples = 300;        // fairness: latency samples per configuration
   std::string only;         // latency, throughput or fairness; empty: all
 };
 
@@ -51,7 +52,7 @@ struct row {
 };
 
 void print(const std::string& backend, const row& r) {
-  fmt::print("{:<9} {:<36} {:>11.2f} {:<7} {:<34} {:>11.2f} {:<7} {:>7.2f}x\n", backend, r.what,
+  fmt::print("{:<9} {:<44} {:>11.2f} {:<7} {:<34} {:>11.2f} {:<7} {:>7.2f}x\n", backend, r.what,
              r.kiln, r.unit, r.baseline_name, r.baseline, r.unit,
              r.baseline > 0 ? r.kiln / r.baseline : 0.0);
 }
@@ -178,14 +179,24 @@ asio::awaitable<void> add_loop(kiln::async_sandbox sb, int calls) {
   for (std::int32_t i = 0; i < calls; ++i) {
     std::string name = "add_i32";
     std::vector<kiln::value> args{i, std::int32_t{1}};
-    kiln::value v = co_await sb.async_call(std::move(name), std::move(args), asio::use_awaitable);
+    kiln::error_code ec;
+    kiln::value v = co_await sb.async_call(std::move(name), std::move(args),
+                                           asio::redirect_error(asio::use_awaitable, ec));
+    if (ec)
+      throw std::runtime_error(fmt::format("add_i32({}, 1) on worker {}, call {}: {}", i,
+                                           sb.worker(), sb.stats().calls,
+                                           sb.last_error().message()));
     check(v, std::int32_t{i + 1}, "add_i32");
   }
 }
 
 // Calls per second of `sandboxes` sandboxes each running `calls` sequential calls from a
 // coroutine on its own worker, all at once.
-double throughput(const kiln::sandbox_config& cfg, unsigned workers, const options& o) {
+// Also reports how many calls were preempted: a call outlives its time slice only when the OS
+// took the worker's core away (more workers than free cores), and each preemption kicks a guest.
+// A failed or wrong call leaves its message in `failure` (the other sandboxes run on).
+double throughput(const kiln::sandbox_config& cfg, unsigned workers, const options& o,
+                  std::uint64_t& preemptions, std::string& failure) {
   kiln::runtime rt({.workers = workers});
   std::vector<kiln::async_sandbox> sbs;
   for (unsigned i = 0; i < o.sandboxes; ++i)
@@ -195,16 +206,23 @@ double throughput(const kiln::sandbox_config& cfg, unsigned workers, const optio
     const auto t0 = clock_type::now();
     for (const auto& sb : sbs)
       done.push_back(asio::co_spawn(sb.get_executor(), add_loop(sb, calls), asio::use_future));
-    for (auto& f : done)
-      f.get();
+    for (auto& f : done) {
+      try {
+        f.get();
+      } catch (const std::exception& e) {
+        if (failure.empty()) failure = e.what();
+      }
+    }
     return us_since(t0);
   };
   (void)run_all(20); // warm up: each sandbox has its own engine and translations
   const double us = run_all(o.tput_calls);
+  preemptions = rt.stats().preemptions;
   return double(o.sandboxes) * o.tput_calls / (us / 1e6);
 }
 
-void bench_throughput(const std::string& b, const kiln::sandbox_config& cfg, const options& o) {
+// Returns false if a call failed or returned a wrong value.
+bool bench_throughput(const std::string& b, const kiln::sandbox_config& cfg, const options& o) {
   auto sync_sb = kiln::sandbox::create(cfg);
   if (!sync_sb) throw std::runtime_error("create: " + sync_sb.err().message());
   const long total = long(o.sandboxes) * o.tput_calls;
@@ -245,17 +263,28 @@ void bench_throughput(const std::string& b, const kiln::sandbox_config& cfg, con
     counts.push_back(w);
   counts.push_back(n);
   counts.push_back(n + 1);
-  std::string scaling;
+  std::string scaling, preempted, failures;
   double one = 0;
   for (unsigned w : counts) {
-    const double cps = throughput(cfg, w, o);
+    std::uint64_t preemptions = 0;
+    std::string failure;
+    const double cps = throughput(cfg, w, o, preemptions, failure);
+    if (!failure.empty()) {
+      failures += fmt::format("{:<9} {} workers: FAILED ({} preemptions): {}\n", b, w, preemptions,
+                              failure);
+      continue;
+    }
     if (w == 1) one = cps;
     print(b, {fmt::format("{} sandboxes, {} worker{}", o.sandboxes, w, w > 1 ? "s" : ""), cps,
               "calls/s", "sandbox::call, 1 thread, same total", base});
     scaling += fmt::format("  {}w {:.2f}x", w, one > 0 ? cps / one : 0.0);
+    preempted += fmt::format("  {}w {}", w, preemptions);
   }
   fmt::print("{:<9} scaling vs 1 worker ({} hardware threads):{}\n", b,
              std::thread::hardware_concurrency(), scaling);
+  fmt::print("{:<9} calls preempted by the time slice:{}\n", b, preempted);
+  fmt::print("{}", failures);
+  return failures.empty();
 }
 
 struct percentiles {
@@ -279,6 +308,9 @@ std::vector<double> sample_latency(const kiln::async_sandbox& sb, int samples) {
 void bench_fairness(const std::string& b, const kiln::sandbox_config& calc,
                     const kiln::sandbox_config& faults, const options& o) {
   for (auto slice : {1ms, 5ms, 20ms}) {
+    // Declared before the runtime, which may still complete the spinner on an error path.
+    asio::cancellation_signal cancel_spin;
+    std::promise<kiln::error_code> spin_done;
     kiln::runtime rt({.workers = 1, .time_slice = slice});
     auto sb = create(rt, calc);
     auto spinner = create(rt, faults);
@@ -289,8 +321,6 @@ void bench_fairness(const std::string& b, const kiln::sandbox_config& calc,
     // through its handler's cancellation slot. (The call is started and cancelled on the
     // spinner's worker, as Asio wants a slot used from one thread.)
     const auto deadline = 2s + o.samples * slice * 4;
-    asio::cancellation_signal cancel_spin;
-    std::promise<kiln::error_code> spin_done;
     asio::post(spinner.get_executor(), [&] {
       spinner.async_call(
           "spin", {}, {.timeout = deadline},
@@ -336,9 +366,10 @@ int bench_backend(kiln::vcpu::backend_kind kind, const options& o) {
                                       ? kiln::vcpu::backend_choice::kvm
                                       : kiln::vcpu::backend_choice::emulated;
   const std::string b = kiln::vcpu::to_string(kind);
+  int rc = 0;
   try {
     if (o.only.empty() || o.only == "latency") bench_latency(b, calc, o);
-    if (o.only.empty() || o.only == "throughput") bench_throughput(b, calc, o);
+    if ((o.only.empty() || o.only == "throughput") && !bench_throughput(b, calc, o)) rc = 1;
     if (o.only.empty() || o.only == "fairness") bench_fairness(b, calc, faults, o);
   } catch (const boost::system::system_error& e) {
     fmt::print(stderr, "{}: {}\n", b, e.code().message());
@@ -347,7 +378,7 @@ int bench_backend(kiln::vcpu::backend_kind kind, const options& o) {
     fmt::print(stderr, "{}: {}\n", b, e.what());
     return 1;
   }
-  return 0;
+  return rc;
 }
 
 } // namespace
@@ -385,7 +416,7 @@ int main(int argc, char** argv) {
                        "         [--only latency|throughput|fairness]\n");
     return 2;
   }
-  fmt::print("{:<9} {:<36} {:>19}   {:<34} {:>19}   {:>7}\n", "backend", "measure", "kiln",
+  fmt::print("{:<9} {:<44} {:>19}   {:<34} {:>19}   {:>7}\n", "backend", "measure", "kiln",
              "baseline (same run)", "baseline", "ratio");
   int rc = 0;
   for (auto k : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated})
