@@ -199,11 +199,11 @@ void sandbox_core::on_stop_request(const std::shared_ptr<call_op>& op) {
   queue.erase(it);
   op->done = true;
   const unsigned r = op->stop.load();
+  rt->calls.fetch_add(1);
   complete_call(op,
                 r == deadline ? error_code(std::error_code(errc::deadline_exceeded))
                               : error_code(asio::error::operation_aborted),
                 value{});
-  rt->calls.fetch_add(1);
 }
 
 void sandbox_core::enqueue(std::shared_ptr<call_op> op) {
@@ -251,6 +251,8 @@ void sandbox_core::pump() {
 void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
   for (;;) {
     running_gen.store(op->gen.load());
+    // stop() sets `stopping` and then reads running_gen: one of the two sides sees the other.
+    if (rt->stopping.load()) op->stop.store(shutdown);
     if (const unsigned r = op->stop.load()) {
       running_gen.store(0);
       return stop_started(op, r);
@@ -341,8 +343,8 @@ void sandbox_core::finish(const std::shared_ptr<call_op>& op, error_code ec, val
     last_error = *detail;
   }
   publish();
+  rt->calls.fetch_add(1); // before completing, so a caller that saw the result sees the count
   complete_call(op, ec, std::move(v));
-  rt->calls.fetch_add(1);
   if (!current && !queue.empty())
     asio::post(executor(), [self = shared_from_this()] { self->pump(); });
   else
@@ -610,7 +612,6 @@ void runtime::stop() {
     });
   }
   // 2. Let the workers drain what was posted, then join.
-  rt.slice_timer.cancel();
   asio::post(rt.service, [&rt] { rt.slice_timer.cancel(); });
   for (auto& w : rt.workers)
     w->guard.reset();

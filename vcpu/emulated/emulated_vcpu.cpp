@@ -334,6 +334,12 @@ private:
     v->record(exits::memory_fault{address, access, unmapped, v->rip()});
     return false; // not handled: the engine stops with the matching UC_ERR_*
   }
+  // At the start of every translation block: honour a pending kick. The stop takes effect when
+  // this block ends, at a block boundary, where the engine's state is exact.
+  static void on_block(uc_engine* uc, std::uint64_t, std::uint32_t, void* self) {
+    auto* v = static_cast<emulated_vcpu*>(self);
+    if (v->kick_pending_.load(std::memory_order_relaxed)) uc_emu_stop(uc);
+  }
   static bool on_invalid_instruction(uc_engine* uc, void* self) {
     auto* v = static_cast<emulated_vcpu*>(self);
     v->record(exits::exception{6, 0, v->rip(), 0}); // #UD
@@ -346,10 +352,8 @@ private:
   std::vector<std::pair<std::uint64_t, std::uint64_t>> exec_ranges_;
   vcpu_stats stats_;
   // Kick protocol, see kick().
-  std::atomic<bool> running_{false};
   std::atomic<bool> kick_pending_{false};
   std::atomic<std::uint64_t> kicks_{0};
-  std::atomic<std::uint64_t> stops_{0}; // uc_emu_stop calls made by kick()
 };
 
 result<void> emulated_vcpu::install_hooks() {
@@ -371,6 +375,9 @@ result<void> emulated_vcpu::install_hooks() {
                              reinterpret_cast<void*>(&on_invalid_memory), this, 1, 0);
       e != UC_ERR_OK)
     return uc_error(vcpu_errc::create_failed, "hook invalid memory", e);
+  if (uc_err e = uc_hook_add(uc, &h, UC_HOOK_BLOCK, reinterpret_cast<void*>(&on_block), this, 1, 0);
+      e != UC_ERR_OK)
+    return uc_error(vcpu_errc::create_failed, "hook block", e);
   if (uc_err e = uc_hook_add(uc, &h, UC_HOOK_INSN_INVALID,
                              reinterpret_cast<void*>(&on_invalid_instruction), this, 1, 0);
       e != UC_ERR_OK)
@@ -378,44 +385,31 @@ result<void> emulated_vcpu::install_hooks() {
   return {};
 }
 
-// Kick protocol. uc_emu_stop() is ignored while the engine is between uc_emu_start calls, and
-// uc_emu_start clears a stop requested just before it begins, so a single stop can be lost:
-//  1. run() publishes running_ = true, THEN reads kick_pending_; kick() publishes
-//     kick_pending_ = true, THEN reads running_. With sequentially consistent atomics at least
-//     one side sees the other: run() returns cancelled at once, or kick() sees a running vCPU.
-//  2. kick() seeing a running vCPU repeats uc_emu_stop until run() has consumed the kick or left
-//     the engine (bounded: the engine honours a stop within tens of microseconds).
-//  3. A stop that lands after a hook already recorded an exit leaves kick_pending_ set: that
+// Kick protocol. kick() never calls uc_emu_stop from its own thread: Unicorn 2.0.1 can leave
+// RIP behind an instruction it already executed when stopped asynchronously, so a resumed guest
+// would run that instruction twice (upstream issue #1355; seen here as wrong results after
+// time-slice kicks). Instead kick() only sets kick_pending_, and the block hook, running on the
+// vCPU thread at the start of each translation block, stops the engine at that block's end.
+//  1. A kick before run() is seen by run() before it starts the engine: cancelled at once.
+//  2. A kick while the guest runs is seen by the next block's hook (a `jmp $` loop is one block
+//     per iteration), so the stop lands within one block.
+//  3. A kick that arrives after a hook already recorded an exit leaves kick_pending_ set: that
 //     exit is returned, and the next run() returns cancelled (kicks are sticky until consumed).
-//  4. A stop that arrives when no kick is pending (a late repeat of step 2 landing in the next
-//     run) makes uc_emu_start return with nothing recorded: run() resumes the guest. Every stop
-//     kick() issues is counted, so such a stop is never mistaken for a `hlt` (which also
-//     returns with nothing recorded).
+//  4. The engine returning with nothing recorded and no kick pending means `hlt`.
 void emulated_vcpu::kick() noexcept {
   kicks_.fetch_add(1, std::memory_order_relaxed);
   kick_pending_.store(true);
-  const auto give_up = std::chrono::steady_clock::now() + std::chrono::seconds(1);
-  while (running_.load() && kick_pending_.load()) {
-    stops_.fetch_add(1);
-    uc_emu_stop(engine_.uc);
-    if (std::chrono::steady_clock::now() > give_up) break;
-    std::this_thread::sleep_for(std::chrono::microseconds(20));
-  }
 }
 
 exit emulated_vcpu::run() {
   ++stats_.runs;
   for (;;) {
-    running_.store(true);
     if (kick_pending_.exchange(false)) {
-      running_.store(false);
       ++stats_.exits;
       return exits::cancelled{};
     }
     pending_.reset();
-    const std::uint64_t stops_before = stops_.load();
     const uc_err err = uc_emu_start(engine_.uc, rip(), 0, 0, 0);
-    running_.store(false);
     if (pending_) {
       ++stats_.exits;
       return std::move(*pending_);
@@ -428,9 +422,8 @@ exit emulated_vcpu::run() {
       ++stats_.exits;
       return decode_stop(err);
     }
-    // Stopped with nothing recorded: `hlt` (which ends emulation by itself, RIP after it), or
-    // a late stop from a kick already consumed (then resume; a real hlt just halts again).
-    if (stops_.load() != stops_before) continue;
+    // Stopped with nothing recorded and no kick: `hlt`, which ends emulation by itself with
+    // RIP after it. Anything else would be an engine quirk: resume.
     const std::uint64_t ip = rip();
     std::uint8_t prev = 0;
     if (ip > 0 && uc_mem_read(engine_.uc, ip - 1, &prev, 1) == UC_ERR_OK && prev == 0xf4) {
