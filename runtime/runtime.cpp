@@ -139,24 +139,26 @@ void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value 
                    bool immediate = false) {
   call_op& op = *op_ptr;
   op.done = true;
-  op.slot.clear();
   if (op.service)
     asio::post(*op.service, [op_ptr] {
       if (op_ptr->deadline) op_ptr->deadline->cancel();
     });
+  // Moved out, so that an op kept alive elsewhere (by a held host reply) tracks no work on the
+  // handler's executor any more.
   auto h = std::move(op.handler);
-  auto ex = op.ex;
-  // Dispatch: a handler whose executor is this worker's runs inline, crossing no thread.
+  auto ex = std::move(op.ex);
+  // The slot is cleared on the handler's executor, where Asio lets cancellation be emitted.
+  auto finish = [h = std::move(h), slot = op.slot, ec, v = std::move(v)]() mutable {
+    slot.clear();
+    std::move(h)(ec, std::move(v));
+  };
   if (immediate) { // any_completion_executor cannot post: hop through the system executor
-    asio::post(asio::system_executor(), [ex, h = std::move(h), ec, v = std::move(v)]() mutable {
-      asio::dispatch(ex, [h = std::move(h), ec, v = std::move(v)]() mutable {
-        std::move(h)(ec, std::move(v));
-      });
-    });
+    asio::post(asio::system_executor(),
+               [ex, f = std::move(finish)]() mutable { asio::dispatch(ex, std::move(f)); });
     return;
   }
-  asio::dispatch(
-      ex, [h = std::move(h), ec, v = std::move(v)]() mutable { std::move(h)(ec, std::move(v)); });
+  // Dispatch: a handler whose executor is this worker's runs inline, crossing no thread.
+  asio::dispatch(ex, std::move(finish));
 }
 
 } // namespace
@@ -294,9 +296,13 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
       const host_function* fn = st.host.function;
       std::weak_ptr<sandbox_core> weak = shared_from_this();
       auto ex = executor();
-      host_completion done = [weak, op, ex](host_call_outcome o) {
-        asio::post(ex, [weak, op, o = std::move(o)]() mutable {
-          if (auto self = weak.lock()) self->on_host_reply(op, std::move(o));
+      // A reply may come after the sandbox and even the runtime are gone: the weak reference
+      // is checked before the worker's io_context (owned by the runtime) is touched.
+      host_completion done = [weak, op](host_call_outcome o) {
+        auto self = weak.lock();
+        if (!self) return;
+        asio::post(self->executor(), [weak, op, o = std::move(o)]() mutable {
+          if (auto s = weak.lock()) s->on_host_reply(op, std::move(o));
         });
       };
       try {
@@ -605,7 +611,8 @@ void runtime::stop() {
       }
       if (core->current) {
         core->current->stop.store(detail::shutdown);
-        if (core->current->parked) core->stop_started(core->current, detail::shutdown);
+        // A copy: finish() resets `current` while stop_started() still uses the op.
+        if (auto op = core->current; op->parked) core->stop_started(op, detail::shutdown);
       }
       core->destroying = true;
       core->pump(); // completes the queued calls with operation_aborted, then destroys
