@@ -121,5 +121,38 @@ TEST_F(churn_stress, counters_return_to_baseline) {
       << " MiB before the runtime";
 }
 
+// Whole runtimes created, used and destroyed in a row: each owns threads and io_contexts (fds),
+// and every one of them must be gone once its destructor returns.
+TEST_F(churn_stress, runtimes_come_and_go) {
+  if (!run_known_bugs())
+    GTEST_SKIP() << "known bug: runtime::stop() calls service.stop() before the posted "
+                    "slice_timer cancel has run, so the pending tick_slices() wait handler (it "
+                    "holds shared_ptr<runtime_impl>) stays in the service io_context: a cycle "
+                    "that leaks the runtime (3 fds, its io_contexts); 2 of 5 runs of 2,000 "
+                    "runtimes leaked 3 and 38 here; run with KILN_STRESS_KNOWN_BUGS=1";
+  const std::size_t rounds = scaled(1000, 100);
+  watchdog dog("runtime churn", 240s);
+  auto one = [&] {
+    runtime rt({.workers = 2});
+    auto sb = create_or_trip(rt, quiet_config("calc"), {}, dog);
+    ASSERT_TRUE(sb);
+    auto [ec, v] = call_or_trip(sb, "add_i32", {40, 2}, dog);
+    EXPECT_FALSE(ec) << ec.message();
+    EXPECT_EQ(v, value{std::int32_t{42}});
+  };
+  one(); // process-wide state that stays by design
+  const proc_counters before = read_proc();
+  for (std::size_t i = 0; i < rounds; ++i)
+    one();
+  const proc_counters after = read_proc();
+  std::printf("[ stress   ] %zu runtimes: before %s\n[ stress   ]   after %s\n", rounds,
+              before.str().c_str(), after.str().c_str());
+  EXPECT_LE(after.fds, before.fds + 2);
+  EXPECT_EQ(after.threads, before.threads);
+  if (!under_sanitizer) {
+    EXPECT_LE(after.maps, before.maps + 8);
+  }
+}
+
 } // namespace
 } // namespace kiln::test::stress
