@@ -99,8 +99,11 @@ TEST_F(runtime_test, completion_runs_on_the_handlers_executor_never_inside_the_c
   returned = false;
   std::atomic<bool> failed_inline{false};
   std::promise<error_code> p;
+  const auto caller = std::this_thread::get_id();
   sb.async_call("add_i32", {1, 2}, [&](error_code ec, value) {
-    failed_inline = !returned;
+    // Inline means: on this thread, before async_call returned (another thread may well run
+    // the handler before we get to set `returned`).
+    failed_inline = std::this_thread::get_id() == caller && !returned;
     p.set_value(ec);
   });
   returned = true;
