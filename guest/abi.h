@@ -42,7 +42,7 @@ extern "C" {
 
 #define KILN_ABI_MAGIC 0x4e4c494bu /* "KILN" */
 #define KILN_ABI_VERSION_MAJOR 1u
-#define KILN_ABI_VERSION_MINOR 0u
+#define KILN_ABI_VERSION_MINOR 1u /* 1: KILN_PORT_MEMORY, KILN_FEATURE_MEMORY_OPS */
 
 /* ---- hypercall ports (4-byte `out dx, eax`) ---- */
 enum kiln_port {
@@ -52,20 +52,25 @@ enum kiln_port {
   KILN_PORT_LOG = 0x7a03,       /* eax = length of a UTF-8 line in out_buf */
   KILN_PORT_ABORT = 0x7a04,     /* eax = guest's code; struct kiln_abort_record in out_buf */
   KILN_PORT_EXCEPTION = 0x7a05, /* struct kiln_exception_record in out_buf (from the guest IDT) */
+  KILN_PORT_MEMORY = 0x7a06,    /* struct kiln_memory_request in out_buf; eax = its size; the
+                                   host writes the outcome into its `status` before resuming */
 };
 #define KILN_PORT_FIRST 0x7a00u
-#define KILN_PORT_LAST 0x7a05u
+#define KILN_PORT_LAST 0x7a06u
 
 /* ---- boot info: at `rdi` on entry; the page is read-only to the guest ---- */
 enum kiln_feature {
   KILN_FEATURE_NX = 1u << 0,        /* page tables carry NX on data (KVM) */
   KILN_FEATURE_EMULATED = 1u << 1,  /* running on the emulated backend (Unicorn) */
-  KILN_FEATURE_FILE_TABLE = 1u << 2 /* files/file_count are meaningful */
+  KILN_FEATURE_FILE_TABLE = 1u << 2, /* files/file_count are meaningful */
+  KILN_FEATURE_MEMORY_OPS = 1u << 3  /* KILN_PORT_MEMORY is served (ABI minor >= 1) */
 };
 
 #define KILN_FILE_NAME_MAX 56u
 
-/* One host file mapped read-only into the guest. */
+/* One host file mapped read-only into the guest. The host rewrites the table (and file_count)
+ * only while the guest is stopped between calls; entries may be removed (unmapped files), so a
+ * guest looks a file up by name when it needs it rather than caching addresses across calls. */
 struct kiln_file_entry {
   char name[KILN_FILE_NAME_MAX]; /* NUL-terminated */
   uint64_t addr;
@@ -106,6 +111,47 @@ struct kiln_abort_record {
   uint32_t message_len; /* bytes of message following; the host truncates to its cap */
   uint32_t reserved;
   /* char message[message_len]; */
+};
+
+/* ---- memory requests (KILN_PORT_MEMORY), the guest-owned memory contract ----
+ * PROTECT: set the protection of [addr, addr+size) of the guest's own memory (image, heap,
+ *   stack). Only tightening is allowed: every page's new protection must be a subset of its
+ *   current one (RW -> R -> none). The host updates the page tables; the guest must reload CR3
+ *   (or invlpg the range) afterwards so its TLB drops the old rights. A request that changes
+ *   nothing costs the host nothing.
+ * RELEASE: hand [addr, addr+size) of writable heap or stack pages back to the host, which
+ *   discards them: they read as zero afterwards and no longer count as resident memory. The
+ *   pages stay mapped; writing them again simply takes fresh zeroed pages.
+ * addr and size must be page-aligned (4096) and size > 0. */
+enum kiln_memory_op {
+  KILN_MEMORY_PROTECT = 1,
+  KILN_MEMORY_RELEASE = 2,
+};
+
+enum kiln_prot {
+  KILN_PROT_NONE = 0,
+  KILN_PROT_READ = 1,
+  KILN_PROT_WRITE = 2,
+  KILN_PROT_EXEC = 4,
+};
+
+enum kiln_memory_status {
+  KILN_MEMORY_OK = 0,
+  KILN_MEMORY_UNALIGNED = 1,   /* addr or size not page-aligned, size 0, or the range wraps */
+  KILN_MEMORY_NOT_OWNED = 2,   /* some page is not the guest's own image, heap or stack memory */
+  KILN_MEMORY_WIDENS = 3,      /* PROTECT would widen some page's current protection */
+  KILN_MEMORY_BAD_REQUEST = 4, /* unknown op or protection bits, bad record size */
+  KILN_MEMORY_LIMIT = 5,       /* the host's cap on distinct protection ranges is reached */
+  KILN_MEMORY_NOT_WRITABLE = 6 /* RELEASE of a page the guest made read-only or inaccessible */
+};
+
+struct kiln_memory_request {
+  uint32_t op;   /* enum kiln_memory_op */
+  uint32_t prot; /* PROTECT: enum kiln_prot bits; RELEASE: 0 */
+  uint64_t addr;
+  uint64_t size;
+  uint32_t status; /* written by the host: enum kiln_memory_status */
+  uint32_t reserved;
 };
 
 /* ---- call wire format ---- */
@@ -180,6 +226,9 @@ KILN_STATIC_ASSERT(KILN_OFFSET(struct kiln_boot_info, cmdline) == 112, "boot_inf
 KILN_STATIC_ASSERT(KILN_OFFSET(struct kiln_boot_info, cmdline_len) == 120, "boot_info.cmdline_len");
 KILN_STATIC_ASSERT(sizeof(struct kiln_exception_record) == 40, "kiln_exception_record size");
 KILN_STATIC_ASSERT(sizeof(struct kiln_abort_record) == 8, "kiln_abort_record size");
+KILN_STATIC_ASSERT(sizeof(struct kiln_memory_request) == 32, "kiln_memory_request size");
+KILN_STATIC_ASSERT(KILN_OFFSET(struct kiln_memory_request, status) == 24,
+                   "kiln_memory_request.status");
 KILN_STATIC_ASSERT(sizeof(struct kiln_msg_header) == 16, "kiln_msg_header size");
 KILN_STATIC_ASSERT(KILN_OFFSET(struct kiln_msg_header, status) == 8, "kiln_msg_header.status");
 KILN_STATIC_ASSERT(KILN_OFFSET(struct kiln_msg_header, size) == 12, "kiln_msg_header.size");

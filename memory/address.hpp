@@ -48,6 +48,10 @@ constexpr protection operator|(protection a, protection b) {
 constexpr bool has(protection set, protection bit) {
   return (static_cast<std::uint8_t>(set) & static_cast<std::uint8_t>(bit)) != 0;
 }
+/// True if `a` grants no right that `b` does not (a tightening of b, or b itself).
+constexpr bool is_subset(protection a, protection b) {
+  return (static_cast<std::uint8_t>(a) & ~static_cast<std::uint8_t>(b)) == 0;
+}
 inline constexpr protection prot_r = protection::read;
 inline constexpr protection prot_rw = protection::read | protection::write;
 inline constexpr protection prot_rx = protection::read | protection::exec;

@@ -2,6 +2,8 @@
 #include <kiln/memory/guest_memory.hpp>
 #include <kiln/memory/layout.hpp>
 
+#include <sys/mman.h>
+
 #include <algorithm>
 #include <cstring>
 
@@ -27,14 +29,18 @@ const char* to_string(region_kind k) noexcept {
     return "heap";
   case region_kind::stack:
     return "stack";
+  case region_kind::file:
+    return "file";
   }
   return "?";
 }
 
-result<guest_memory> guest_memory::create(std::uint64_t size) {
+result<guest_memory> guest_memory::create(std::uint64_t size, std::uint64_t file_room) {
   if (size < fixed::min_memory || size > fixed::max_memory || !is_aligned(size, page_size))
     return error(memory_errc::bad_size, "guest memory size must be page-aligned, 4 MiB..64 GiB");
-  KILN_TRY_ASSIGN(auto m, host_mapping::anonymous(size, /*guards=*/true));
+  if (file_room > fixed::max_file_room || !is_aligned(file_room, large_page_size))
+    return error(memory_errc::bad_size, "file room must be a multiple of 2 MiB, at most 64 GiB");
+  KILN_TRY_ASSIGN(auto m, host_mapping::anonymous(size, /*guards=*/true, file_room));
   return guest_memory(std::move(m));
 }
 
@@ -43,8 +49,13 @@ result<void> guest_memory::add_region(region r) {
   if (!is_aligned(r.start.value, page_size) || !is_aligned(r.size, page_size))
     return error(memory_errc::unaligned, "region " + r.name);
   std::uint64_t end = 0;
-  if (__builtin_add_overflow(r.start.value, r.size, &end) || end > size())
+  if (__builtin_add_overflow(r.start.value, r.size, &end) || end > address_limit())
     return error(memory_errc::out_of_bounds, "region " + r.name + " outside guest memory");
+  const bool in_room = r.start.value >= size();
+  if ((r.kind == region_kind::file) != in_room || (!in_room && end > size()))
+    return error(memory_errc::out_of_bounds,
+                 "region " + r.name + (r.kind == region_kind::file ? " outside the file room"
+                                                                   : " outside guest RAM"));
   auto pos = std::lower_bound(regions_.begin(), regions_.end(), r.start,
                               [](const region& a, guest_phys_addr s) { return a.start < s; });
   if (pos != regions_.end() && pos->start.value < end)
@@ -53,6 +64,78 @@ result<void> guest_memory::add_region(region r) {
     return error(memory_errc::overlapping_region, r.name + " overlaps " + std::prev(pos)->name);
   regions_.insert(pos, std::move(r));
   return {};
+}
+
+result<void> guest_memory::remove_region(guest_phys_addr start) {
+  auto pos = std::find_if(regions_.begin(), regions_.end(),
+                          [&](const region& r) { return r.start == start; });
+  if (pos == regions_.end()) return error(memory_errc::out_of_bounds, "no region starts there");
+  if (pos->kind != region_kind::file)
+    return error(memory_errc::out_of_bounds, "only file regions can be removed");
+  regions_.erase(pos);
+  return {};
+}
+
+result<std::byte*> guest_memory::host_range(guest_phys_addr a, std::uint64_t len,
+                                            bool room) const {
+  if (len == 0 || !is_aligned(a.value, page_size) || !is_aligned(len, page_size))
+    return error(memory_errc::unaligned, "host range");
+  std::uint64_t end = 0;
+  const std::uint64_t lo = room ? size() : 0, hi = room ? address_limit() : size();
+  if (__builtin_add_overflow(a.value, len, &end) || a.value < lo || end > hi)
+    return error(memory_errc::out_of_bounds,
+                 room ? "range outside the file room" : "range outside guest RAM");
+  return mapping_.data() + a.value;
+}
+
+result<void> guest_memory::host_protect(guest_phys_addr a, std::uint64_t len, protection p) {
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
+  int prot = PROT_NONE;
+  if (has(p, protection::read)) prot |= PROT_READ;
+  if (has(p, protection::write)) prot |= PROT_READ | PROT_WRITE;
+  ++host_syscalls_;
+  // SAFETY: [host, host+len) lies inside RAM of this mapping (checked above).
+  if (::mprotect(host, len, prot) != 0) return errno_error("mprotect guest memory");
+  return {};
+}
+
+result<void> guest_memory::discard(guest_phys_addr a, std::uint64_t len) {
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
+  ++host_syscalls_;
+  // SAFETY: as in host_protect(); private anonymous pages read as zero after MADV_DONTNEED.
+  if (::madvise(host, len, MADV_DONTNEED) != 0) return errno_error("madvise(DONTNEED) guest memory");
+  return {};
+}
+
+result<void> guest_memory::map_file(guest_phys_addr a, std::uint64_t len, int fd) {
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, true));
+  ++host_syscalls_;
+  // SAFETY: MAP_FIXED replaces only [host, host+len), which lies in this mapping's file room
+  // (checked above), never memory anything else owns.
+  void* p = ::mmap(host, len, PROT_READ, MAP_SHARED | MAP_FIXED, fd, 0);
+  if (p == MAP_FAILED) return errno_error("mmap host file into guest memory");
+  return {};
+}
+
+result<void> guest_memory::unmap_file(guest_phys_addr a, std::uint64_t len) {
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, true));
+  ++host_syscalls_;
+  // SAFETY: as in map_file(); the range goes back to an inaccessible reservation.
+  void* p = ::mmap(host, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
+                   -1, 0);
+  if (p == MAP_FAILED) return errno_error("mmap over an unmapped file");
+  return {};
+}
+
+result<std::uint64_t> guest_memory::resident_bytes(guest_phys_addr a, std::uint64_t len) const {
+  const bool room = a.value >= size();
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, room));
+  std::vector<unsigned char> vec(len / page_size);
+  if (::mincore(host, len, vec.data()) != 0) return errno_error("mincore guest memory");
+  std::uint64_t pages = 0;
+  for (unsigned char v : vec)
+    pages += v & 1;
+  return pages * page_size;
 }
 
 const region* guest_memory::find(guest_phys_addr a) const noexcept {

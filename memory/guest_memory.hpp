@@ -26,6 +26,13 @@ enum class region_kind {
   image,         // one loadable ELF segment
   heap,          // the guest-owned heap
   stack,         // the guest stack (an unmapped guard page lies below it)
+  file,          // a host file mapped read-only (in the file room above guest RAM)
+};
+
+/// What backs a region's host pages.
+enum class region_backing {
+  anonymous, // private zero-filled memory, part of the guest's RAM mapping
+  file,      // a host file mapped MAP_SHARED read-only: its pages are the page cache's
 };
 
 const char* to_string(region_kind k) noexcept;
@@ -39,25 +46,38 @@ struct region {
   /// False for regions the guest must not reach through its page tables (the page tables
   /// themselves). The backend still maps them so the CPU's page walker can read them.
   bool guest_visible = true;
+  region_backing backing = region_backing::anonymous;
 
   guest_phys_addr end() const { return start + size; }
   bool contains(guest_phys_addr a) const { return a >= start && a < end(); }
 };
 
-/// All of one sandbox's guest memory: guest-physical [0, size()) backed by one host mapping,
-/// of which the regions are the parts the guest may use. Gaps between regions are never mapped
-/// into the guest (null page, guard pages).
+/// All of one sandbox's guest memory: guest-physical [0, size()) is the guest's RAM, backed by
+/// one private anonymous host mapping; [size(), address_limit()) is the file room, reserved
+/// inaccessible in the host until a host file is mapped into part of it. The regions are the
+/// parts the guest may use. Gaps between regions are never mapped into the guest (null page,
+/// guard pages), and the whole reservation is fenced by PROT_NONE host guard pages.
+///
+/// Every host syscall issued on the guest's memory after creation goes through this class and
+/// is counted (host_syscalls()), so the bookkeeping above it can prove it issues none for
+/// changes that change nothing.
 ///
 /// Thread-safety: not synchronised; owned and used by one sandbox's thread.
 class guest_memory {
 public:
-  /// Reserves `size` bytes (page-aligned, 4 MiB to 64 GiB) of zeroed memory with host guard pages.
-  static result<guest_memory> create(std::uint64_t size);
+  /// Reserves `size` bytes (page-aligned, 4 MiB to 64 GiB) of zeroed memory, plus `file_room`
+  /// bytes (page-aligned) of inaccessible room for mapped files after it.
+  static result<guest_memory> create(std::uint64_t size, std::uint64_t file_room = 0);
 
   std::uint64_t size() const noexcept { return mapping_.size(); }
+  /// End of the guest-physical address space: RAM plus the file room.
+  std::uint64_t address_limit() const noexcept { return mapping_.size() + mapping_.extra(); }
 
-  /// Adds a region; refuses overlap, misalignment and ranges outside guest memory.
+  /// Adds a region; refuses overlap, misalignment and ranges outside the address space. File
+  /// regions must lie in the file room, all others in RAM.
   result<void> add_region(region r);
+  /// Removes the region starting at `start` (only file regions can be removed).
+  result<void> remove_region(guest_phys_addr start);
   const std::vector<region>& regions() const noexcept { return regions_; }
   /// The region containing `a`, or nullptr.
   const region* find(guest_phys_addr a) const noexcept;
@@ -83,6 +103,29 @@ public:
     return write(a, std::as_bytes(std::span<const T, 1>(&v, 1)));
   }
 
+  // ---- Host-side changes, each one syscall, each counted --------------------------------------
+
+  /// mprotect()s [a, a+len) of RAM to `p` (exec is a guest-side right and is ignored here).
+  result<void> host_protect(guest_phys_addr a, std::uint64_t len, protection p);
+  /// Discards [a, a+len) of RAM (MADV_DONTNEED): the pages read as zero afterwards and stop
+  /// counting as resident.
+  result<void> discard(guest_phys_addr a, std::uint64_t len);
+  /// Maps `len` bytes (page multiple) of the file `fd` read-only and shared at file-room address
+  /// `a`. The mapping keeps no reference to `fd`.
+  result<void> map_file(guest_phys_addr a, std::uint64_t len, int fd);
+  /// Returns [a, a+len) of the file room to inaccessible reserved memory.
+  result<void> unmap_file(guest_phys_addr a, std::uint64_t len);
+  /// Bytes of [a, a+len) resident in host memory (mincore); not counted as a change.
+  result<std::uint64_t> resident_bytes(guest_phys_addr a, std::uint64_t len) const;
+  /// Syscalls issued by the functions above.
+  std::uint64_t host_syscalls() const noexcept { return host_syscalls_; }
+
+  /// True if host address `p` lies in this guest's reservation; for fault handlers.
+  bool owns_host_address(const void* p) const noexcept {
+    auto* b = static_cast<const std::byte*>(p);
+    return b >= mapping_.data() && b < mapping_.data() + address_limit();
+  }
+
   /// The host address of guest-physical `a` for handing a region to a hypervisor (KVM memslot,
   /// Unicorn uc_mem_map_ptr). Only backends may use it, and only to map whole regions.
   /// SAFETY: valid while this guest_memory lives; bounds are the caller's region's.
@@ -94,9 +137,12 @@ private:
   explicit guest_memory(host_mapping m) : mapping_(std::move(m)) {}
   /// Checks that [a, a+len) lies inside one region; returns it.
   result<const region*> check_range(guest_phys_addr a, std::uint64_t len) const;
+  /// Checks that [a, a+len) is page-aligned and inside RAM (room = false) or the file room.
+  result<std::byte*> host_range(guest_phys_addr a, std::uint64_t len, bool room) const;
 
   host_mapping mapping_;
   std::vector<region> regions_; // sorted by start
+  std::uint64_t host_syscalls_ = 0;
 };
 
 } // namespace kiln::memory

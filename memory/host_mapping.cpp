@@ -15,7 +15,8 @@ host_mapping::~host_mapping() {
 
 host_mapping::host_mapping(host_mapping&& o) noexcept
     : base_(std::exchange(o.base_, nullptr)), reserved_(std::exchange(o.reserved_, 0)),
-      data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)) {}
+      data_(std::exchange(o.data_, nullptr)), size_(std::exchange(o.size_, 0)),
+      extra_(std::exchange(o.extra_, 0)) {}
 
 host_mapping& host_mapping::operator=(host_mapping&& o) noexcept {
   if (this != &o) {
@@ -24,6 +25,7 @@ host_mapping& host_mapping::operator=(host_mapping&& o) noexcept {
     reserved_ = std::exchange(o.reserved_, 0);
     data_ = std::exchange(o.data_, nullptr);
     size_ = std::exchange(o.size_, 0);
+    extra_ = std::exchange(o.extra_, 0);
   }
   return *this;
 }
@@ -32,15 +34,17 @@ void host_mapping::reset() noexcept {
   if (base_) ::munmap(base_, reserved_);
   base_ = nullptr;
   data_ = nullptr;
-  reserved_ = size_ = 0;
+  reserved_ = size_ = extra_ = 0;
 }
 
-result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards) {
-  if (size == 0 || !is_aligned(size, page_size))
+result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards,
+                                             std::uint64_t extra) {
+  if (size == 0 || !is_aligned(size, page_size) || !is_aligned(extra, page_size))
     return error(memory_errc::bad_size, "mapping size");
   const std::uint64_t guard = guards ? page_size : 0;
   std::uint64_t reserved = 0;
-  if (__builtin_add_overflow(size, 2 * guard, &reserved))
+  if (__builtin_add_overflow(size, 2 * guard, &reserved) ||
+      __builtin_add_overflow(reserved, extra, &reserved))
     return error(memory_errc::bad_size, "mapping size overflows");
   // Reserve the whole range inaccessible, then open the middle: the guards stay PROT_NONE.
   // MAP_NORESERVE: guest memory is mostly untouched; only pages the guest writes cost RAM.
@@ -52,6 +56,7 @@ result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards) {
   m.reserved_ = reserved;
   m.data_ = static_cast<std::byte*>(base) + guard;
   m.size_ = size;
+  m.extra_ = extra;
   if (::mprotect(m.data_, size, PROT_READ | PROT_WRITE) != 0)
     return errno_error("mprotect guest memory");
   return m;

@@ -21,10 +21,15 @@ public:
   host_mapping& operator=(const host_mapping&) = delete;
 
   /// Maps `size` bytes (a multiple of the page size) of zeroed, private, read-write memory.
-  static result<host_mapping> anonymous(std::uint64_t size, bool guards = true);
+  /// `extra` more bytes (page multiple) are reserved inaccessible right after them (between
+  /// them and the upper guard), for the owner to map things into later with MAP_FIXED.
+  static result<host_mapping> anonymous(std::uint64_t size, bool guards = true,
+                                        std::uint64_t extra = 0);
 
   std::byte* data() const noexcept { return data_; }
   std::uint64_t size() const noexcept { return size_; }
+  /// Bytes reserved after size() (inaccessible unless the owner mapped something there).
+  std::uint64_t extra() const noexcept { return extra_; }
   explicit operator bool() const noexcept { return data_ != nullptr; }
 
 private:
@@ -34,6 +39,7 @@ private:
   std::uint64_t reserved_ = 0;
   std::byte* data_ = nullptr;
   std::uint64_t size_ = 0;
+  std::uint64_t extra_ = 0;
 };
 
 } // namespace kiln::memory

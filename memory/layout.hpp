@@ -37,6 +37,8 @@ inline constexpr std::uint64_t io_buffer_size = 0x10000;
 inline constexpr guest_phys_addr image_base{0x100000};
 inline constexpr std::uint64_t min_memory = 4ull << 20;
 inline constexpr std::uint64_t max_memory = 64ull << 30;
+/// Guest-physical room above RAM where host files are mapped (see guest_memory).
+inline constexpr std::uint64_t max_file_room = 64ull << 30;
 // Inside the boot info page:
 inline constexpr std::uint64_t file_table_offset = 0x100; // after struct kiln_boot_info
 inline constexpr std::uint64_t max_files = 32;

@@ -22,6 +22,15 @@ enum class memory_errc {
   elf_writable_executable,  // a segment asks to be both writable and executable
   elf_entry_not_executable, // the entry point is not inside an executable segment
   elf_too_large,            // file or header counts above kiln's caps
+  // Bookkeeping and mapped files
+  protection_widened, // a change would give a page a right it does not have
+  too_many_ranges,    // the cap on distinct protection ranges or page tables is reached
+  file_not_regular,   // a file to map is a directory, device, socket...
+  file_empty,         // a file to map has no bytes
+  file_too_large,     // a file to map does not fit the guest's free file address room
+  file_name_invalid,  // a mapped file's name is empty, too long or already in use
+  file_not_mapped,    // no mapped file of that name
+  file_truncated,     // a mapped file shrank after it was mapped; its lost pages were touched
 };
 
 } // namespace kiln::memory
@@ -61,6 +70,22 @@ template <> struct kiln::errc_traits<kiln::memory::memory_errc> {
       return "ELF entry point is not in an executable segment";
     case elf_too_large:
       return "ELF file exceeds size limits";
+    case protection_widened:
+      return "protection change would widen access";
+    case too_many_ranges:
+      return "too many distinct protection ranges";
+    case file_not_regular:
+      return "not a regular file";
+    case file_empty:
+      return "file is empty";
+    case file_too_large:
+      return "file does not fit the guest's file address room";
+    case file_name_invalid:
+      return "invalid or duplicate mapped-file name";
+    case file_not_mapped:
+      return "no mapped file of that name";
+    case file_truncated:
+      return "mapped file was truncated under the guest";
     }
     return nullptr;
   }

@@ -4,6 +4,7 @@
 #include <kiln/memory/guest_memory.hpp>
 #include <kiln/memory/x86_64/page_tables.hpp>
 #include <kiln/memory/x86_64/system_tables.hpp>
+#include <kiln/runtime/detail/sandbox_impl.hpp>
 #include <kiln/runtime/sandbox.hpp>
 #include <kiln/runtime/wire.hpp>
 #include <kiln/vcpu/x86_64/long_mode.hpp>
@@ -45,6 +46,8 @@ bool poisons(errc e) noexcept {
   return true;
 }
 
+using detail::step;
+
 namespace {
 
 constexpr std::uint64_t abort_message_cap = 4096;
@@ -68,65 +71,7 @@ const char* access_name(vcpu::access_kind a) {
   return "?";
 }
 
-// What a hypercall or exit means for the call in progress.
-struct step {
-  enum kind_t { resume, done, fail, interrupted, park } kind = resume;
-  value result;
-  error err;
-  sandbox::pending_host_call host;
-  static step resume_guest() { return {}; }
-  static step finished(value v) { return {done, std::move(v), {}, {}}; }
-  static step failed(error e) { return {fail, {}, std::move(e), {}}; }
-  static step kicked() { return {interrupted, {}, {}, {}}; }
-  static step parked(sandbox::pending_host_call h) { return {park, {}, {}, std::move(h)}; }
-};
-
 } // namespace
-
-struct sandbox::impl {
-  sandbox_config config;
-  host_functions functions;
-  memory::guest_memory mem;
-  memory::layout layout;
-  std::unique_ptr<vcpu::vcpu> cpu;
-  error poison;
-  bool is_poisoned = false;
-  bool ready = false;
-  bool calling = false; // between begin_call and the end of that call
-  std::chrono::steady_clock::time_point call_started;
-  sandbox_stats stats;
-  std::uint64_t log_budget = 0;
-  std::vector<std::byte> scratch; // copy of out_buf for parsing; sized once
-
-  impl(sandbox_config c, host_functions f, memory::guest_memory m)
-      : config(std::move(c)), functions(std::move(f)), mem(std::move(m)) {}
-
-  result<void> build(const memory::elf_image& image);
-  result<value> run_until_ready();
-  sandbox::run_state resume();
-  result<void> write_host_result(const host_call_outcome& outcome);
-  void set_poison(error e) {
-    is_poisoned = true;
-    poison = std::move(e);
-  }
-  step on_exit(const vcpu::exit& e, bool init);
-  step on_hypercall(const vcpu::exits::io_out& io, bool init);
-  step host_call(std::uint32_t len);
-  step on_log(std::uint32_t len);
-  step on_abort(std::uint32_t code);
-  step on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip,
-                    std::uint64_t cr2);
-  result<std::span<const std::byte>> copy_out(std::uint32_t len);
-  result<void> write_in(std::span<const std::byte> bytes);
-
-  void emit_log(std::string_view line) {
-    ++stats.log_lines;
-    if (config.log_sink)
-      config.log_sink(line);
-    else
-      std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
-  }
-};
 
 result<void> sandbox::impl::build(const memory::elf_image& image) {
   using memory::region;
@@ -156,7 +101,7 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
   bi.magic = KILN_ABI_MAGIC;
   bi.abi_major = KILN_ABI_VERSION_MAJOR;
   bi.abi_minor = KILN_ABI_VERSION_MINOR;
-  bi.features = cpu->abi_features() | KILN_FEATURE_FILE_TABLE;
+  bi.features = cpu->abi_features() | KILN_FEATURE_FILE_TABLE | KILN_FEATURE_MEMORY_OPS;
   bi.memory_size = layout.memory_size;
   bi.heap_start = layout.heap_start.value;
   bi.heap_size = layout.heap_size;
@@ -180,12 +125,15 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
   const bool nx = (cpu->abi_features() & KILN_FEATURE_NX) != 0;
   KILN_TRY_ASSIGN(auto tables, memory::x86_64::build_identity_page_tables(
                                    mem, fixed::page_tables, fixed::page_tables_max, nx));
+  // The region spans the whole reserved area: pages past the built tables are where later
+  // splits (guest protect requests, mapped files) take their tables from.
   KILN_TRY(mem.add_region(region{"page_tables", region_kind::page_tables, fixed::page_tables,
-                                 memory::align_up(tables.bytes(), memory::page_size),
-                                 memory::prot_r, false}));
+                                 fixed::page_tables_max, memory::prot_r, false}));
   KILN_TRY(mem.write(fixed::page_tables, std::as_bytes(std::span(tables.entries))));
+  KILN_TRY(init_memory(tables, nx));
 
   KILN_TRY(cpu->map_memory(mem));
+  backend_calls_at_build = cpu->stats().map_calls;
   KILN_TRY(cpu->set_special_registers(vcpu::x86_64::long_mode_state({
       .cr3 = tables.root.value,
       .gdt_base = sys.gdt_base.value,
@@ -226,6 +174,10 @@ step sandbox::impl::on_exception(std::uint64_t vector, std::uint64_t error_code,
   if (vector == 14 && cr2 >= layout.stack_guard.value && cr2 < layout.stack_bottom.value)
     return step::failed(
         error(errc::stack_overflow, fmt::format("at rip {:#x}, cr2 {:#x}", rip, cr2)));
+  // A page fault on a page the guest tightened, or in the file room, says what it hit.
+  if (vector == 14)
+    if (auto named = name_memory_fault(cr2, (error_code & 2) != 0, (error_code & 16) != 0, rip))
+      return step::failed(std::move(*named));
   std::string detail = fmt::format("vector {} {} at rip {:#x}", vector, vector_name(vector), rip);
   if (vector == 14) detail += fmt::format(", address {:#x}", cr2);
   if (error_code) detail += fmt::format(", error code {:#x}", error_code);
@@ -334,6 +286,8 @@ step sandbox::impl::on_hypercall(const vcpu::exits::io_out& io, bool init) {
     if (!rec) return step::failed(std::move(rec).err());
     return on_exception(rec->vector, rec->error_code, rec->rip, rec->cr2);
   }
+  case KILN_PORT_MEMORY:
+    return on_memory_request(io.value);
   }
   return step::failed(error(errc::invalid_port, fmt::format("port {:#x}", io.port)));
 }
@@ -365,6 +319,9 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
       if (f.address >= self.layout.stack_guard.value && f.address < self.layout.stack_bottom.value)
         return step::failed(error(errc::stack_overflow,
                                   fmt::format("at rip {:#x}, address {:#x}", f.rip, f.address)));
+      if (auto named = self.name_memory_fault(f.address, f.access == vcpu::access_kind::write,
+                                              f.access == vcpu::access_kind::execute, f.rip))
+        return step::failed(std::move(*named));
       return step::failed(
           error(errc::memory_violation,
                 fmt::format("{} {} address {:#x} at rip {:#x}", access_name(f.access),
@@ -386,6 +343,11 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
   };
   ++stats.exits;
   if (!std::holds_alternative<io_out>(e)) ++stats.exits_other;
+  // Lost pages of a truncated mapped file come first: the emulated backend was kicked by the
+  // SIGBUS handler, and on KVM the touch surfaces as a failed run.
+  if (!files.empty() && (file_faults.first_lost.load(std::memory_order_relaxed) != 0 ||
+                         !std::holds_alternative<io_out>(e)))
+    if (auto lost = lost_file_pages()) return step::failed(std::move(*lost));
   return std::visit(visitor{*this, init}, e);
 }
 
@@ -453,11 +415,13 @@ result<std::unique_ptr<sandbox>> sandbox::create(const sandbox_config& config,
   KILN_TRY_ASSIGN(auto image,
                   memory::read_elf_file(config.guest_path, fixed::image_base, image_limit));
   KILN_TRY_ASSIGN(auto layout, memory::plan_layout(lc, image.end));
-  KILN_TRY_ASSIGN(auto mem, memory::guest_memory::create(config.memory_size));
+  KILN_TRY_ASSIGN(auto mem, memory::guest_memory::create(config.memory_size, config.file_room));
   auto p = std::make_unique<impl>(config, std::move(functions), std::move(mem));
   p->layout = layout;
   KILN_TRY_ASSIGN(p->cpu, vcpu::create(kind));
   KILN_TRY(p->build(image));
+  for (const auto& f : config.files)
+    KILN_TRY(p->map_file(f));
   if (auto r = p->run_until_ready(); !r)
     return error(r.err().code, "during guest init: " + r.err().detail);
   p->ready = true;
@@ -542,6 +506,7 @@ vcpu::backend_kind sandbox::backend() const noexcept {
 sandbox_stats sandbox::stats() const noexcept {
   sandbox_stats s = impl_->stats;
   s.vcpu = impl_->cpu->stats();
+  s.memory = impl_->memory_stats_now();
   return s;
 }
 

@@ -20,6 +20,25 @@
 
 namespace kiln {
 
+/// A host file to map read-only into a sandbox.
+struct file_mapping {
+  std::string path;
+  /// How the guest finds it (kiln_file_find); default: the file name without directories.
+  /// 1..55 bytes, unique within the sandbox.
+  std::string name;
+  /// Guest-physical address in the file room (page-aligned); 0: the first free 2 MiB-aligned
+  /// place.
+  std::uint64_t guest_address = 0;
+};
+
+/// A host file mapped into a sandbox.
+struct mapped_file_info {
+  std::string name;
+  std::string path;
+  std::uint64_t guest_address = 0;
+  std::uint64_t size = 0; // the file's size when mapped (the mapping is rounded up to pages)
+};
+
 /// Plain configuration of a sandbox.
 struct sandbox_config {
   std::string guest_path;                  // the guest ELF
@@ -32,6 +51,35 @@ struct sandbox_config {
   std::function<void(std::string_view)> log_sink;
   /// Bytes of guest log accepted per call (and during init); the rest is dropped and counted.
   std::uint64_t log_budget_per_call = 64ull << 10;
+  /// Guest-physical room above RAM for mapped host files (multiple of 2 MiB, at most 64 GiB).
+  /// It costs address space only, never memory.
+  std::uint64_t file_room = 1ull << 30;
+  /// Host files mapped before the guest's init runs, so init can already find them.
+  std::vector<file_mapping> files;
+  /// How many distinct protection ranges the guest may create by tightening its pages. Each
+  /// costs the host a VMA (and on the emulated backend an engine region); past the cap a
+  /// protect request is answered KILN_MEMORY_LIMIT.
+  std::size_t max_protection_ranges = 256;
+  /// Apply guest memory requests as differences against the recorded state (the default).
+  /// false applies every request in full even when it changes nothing; it exists to measure
+  /// what the bookkeeping saves (bench/memory_bench), not for use.
+  bool memory_bookkeeping = true;
+};
+
+/// What a sandbox's memory bookkeeping counted after creation.
+struct memory_stats {
+  std::uint64_t host_syscalls = 0;    // mmap, mprotect, madvise on guest memory
+  std::uint64_t backend_calls = 0;    // KVM memslot ioctls or Unicorn map/protect calls
+  std::uint64_t page_table_edits = 0; // page-table entries written
+  std::uint64_t protect_requests = 0; // guest protect requests served
+  std::uint64_t protect_noops = 0;    // ...of which changed nothing (and cost nothing)
+  std::uint64_t protect_refused = 0;  // refused (widening, not owned, unaligned, over the cap)
+  std::uint64_t release_requests = 0; // guest hand-backs served
+  std::uint64_t released_bytes = 0;   // bytes discarded by them
+  std::uint64_t files_mapped = 0;
+  std::uint64_t files_unmapped = 0;
+  std::uint64_t protection_ranges = 0; // distinct protection ranges recorded now
+  std::uint64_t page_tables = 0;       // page-table pages in use now
 };
 
 /// What a sandbox counted about itself.
@@ -45,6 +93,7 @@ struct sandbox_stats {
   std::uint64_t exits_other = 0; // faults, halts, cancellations...
   std::uint64_t log_lines = 0;
   std::uint64_t log_bytes_dropped = 0;
+  memory_stats memory;
   vcpu::vcpu_stats vcpu;
 };
 
@@ -108,6 +157,22 @@ public:
   void poison_with(error why);
   /// True between begin_call() and the end of that call.
   bool in_call() const noexcept;
+
+  // ---- Memory --------------------------------------------------------------------------------
+
+  /// Maps a host file read-only into the guest's file room and lists it in boot info, where the
+  /// guest library finds it by name. Sandboxes mapping the same file share its page cache.
+  /// Only between calls. Errors: the open's errno (a missing file), file_not_regular,
+  /// file_empty, file_name_invalid (bad or duplicate name), file_too_large (no free room big
+  /// enough), overlapping_region / out_of_bounds / unaligned (a bad guest_address),
+  /// too_many_ranges (32 files, or page tables full), not_ready (a call is in progress).
+  result<mapped_file_info> map_file(const file_mapping& request);
+  /// Unmaps the file mapped under `name`; the guest's later accesses to its pages fault.
+  result<void> unmap_file(std::string_view name);
+  std::vector<mapped_file_info> mapped_files() const;
+
+  /// Bytes of the guest's RAM resident in host memory now (mincore over the RAM mapping).
+  result<std::uint64_t> resident_bytes() const;
 
   bool poisoned() const noexcept;
   /// Why the sandbox is poisoned (empty error if it is not).

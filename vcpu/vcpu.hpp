@@ -60,8 +60,17 @@ public:
   virtual std::uint64_t abi_features() const noexcept = 0;
 
   /// Makes every region of `mem` accessible to the guest with the region's protection (regions
-  /// whose protection is `none` stay unmapped). `mem` must outlive the vCPU.
+  /// whose protection is `none` stay unmapped). `mem` must outlive the vCPU. Called again after
+  /// regions were added or removed, it issues calls only for the regions that changed.
   virtual result<void> map_memory(const memory::guest_memory& mem) = 0;
+
+  /// Narrows the guest's rights on [gpa, gpa+size) (page-aligned, inside mapped regions) to `p`
+  /// in the backend's own enforcement. The emulated engine keeps per-range permissions and
+  /// must never believe a page writable that the host mapped read-only (it would write it and
+  /// crash the host), so it is told here. KVM enforces rights through the guest page tables and
+  /// the host mapping's protection and issues nothing.
+  virtual result<void> protect(memory::guest_phys_addr gpa, std::uint64_t size,
+                               memory::protection p) = 0;
 
   virtual result<registers> get_registers() = 0;
   virtual result<void> set_registers(const registers& r) = 0;

@@ -26,7 +26,7 @@ std::uint64_t leaf_bits(const region& r, bool use_nx) {
 result<page_table_image> build_identity_page_tables(const guest_memory& mem, guest_phys_addr base,
                                                     std::uint64_t max_bytes, bool use_nx) {
   if (!is_aligned(base.value, page_size)) return error(memory_errc::unaligned, "page table base");
-  const std::uint64_t mem_size = mem.size();
+  const std::uint64_t mem_size = mem.address_limit(); // RAM and the file room
   const std::uint64_t pd_count = align_up(mem_size, gib) / gib;
   if (pd_count > entries_per_table) return error(memory_errc::bad_size, "memory above 512 GiB");
 

@@ -41,7 +41,7 @@ TEST(Errc, EveryVcpuErrcHasAMessage) {
 }
 
 TEST(Errc, EveryMemoryErrcHasAMessage) {
-  expect_every_enumerator_has_a_message(memory::memory_errc::elf_too_large);
+  expect_every_enumerator_has_a_message(memory::memory_errc::file_truncated);
 }
 
 TEST(Errc, CategoriesHaveDistinctNames) {

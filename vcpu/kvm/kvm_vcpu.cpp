@@ -73,6 +73,11 @@ public:
   std::uint64_t abi_features() const noexcept override { return KILN_FEATURE_NX; }
 
   result<void> map_memory(const memory::guest_memory& mem) override;
+  // Rights live in the guest page tables (NX included) and the host mapping's protection, which
+  // KVM follows through its MMU notifier; the memslots stay as they are.
+  result<void> protect(memory::guest_phys_addr, std::uint64_t, memory::protection) override {
+    return ok();
+  }
 
   result<registers> get_registers() override;
   result<void> set_registers(const registers& r) override;

@@ -1,0 +1,167 @@
+// page_table_editor: splits 2 MiB leaves on demand, folds uniform tables back, writes only changes.
+#include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/x86_64/page_table_editor.hpp>
+
+#include <algorithm>
+#include <array>
+
+namespace kiln::memory::x86_64 {
+namespace {
+
+constexpr std::uint64_t pte_present = 1ull << 0, pte_write = 1ull << 1, pte_accessed = 1ull << 5,
+                        pte_dirty = 1ull << 6, pte_large = 1ull << 7, pte_nx = 1ull << 63;
+constexpr std::uint64_t entries_per_table = 512;
+constexpr std::uint64_t gib = 1ull << 30;
+constexpr std::uint64_t addr_mask = 0x000f'ffff'ffff'f000ull;
+constexpr std::uint64_t upper_bits = pte_present | pte_write | pte_accessed; // as the builder
+
+bool is_table_pointer(std::uint64_t pde) {
+  return (pde & pte_present) && !(pde & pte_large);
+}
+
+} // namespace
+
+page_table_editor::page_table_editor(guest_memory& mem, const page_table_image& img,
+                                     std::uint64_t max_bytes, bool use_nx)
+    : mem_(mem), root_(img.root), used_tables_(img.entries.size() / entries_per_table),
+      max_tables_(max_bytes / page_size), nx_(use_nx) {
+  // The builder's order: PML4, PDPT, then one PD per GiB, then page tables.
+  std::uint64_t pds = 0;
+  for (std::uint64_t g = 0; g < entries_per_table; ++g)
+    if (img.entries[entries_per_table + g] & pte_present) pds = g + 1;
+  pd_count_ = pds;
+}
+
+std::uint64_t page_table_editor::leaf_bits(protection p) const {
+  if (p == protection::none) return 0;
+  std::uint64_t e = pte_present | pte_accessed | pte_dirty;
+  if (has(p, protection::write)) e |= pte_write;
+  if (nx_ && !has(p, protection::exec)) e |= pte_nx;
+  return e;
+}
+
+result<std::uint64_t> page_table_editor::read_entry(std::uint64_t addr) const {
+  return mem_.read_object<std::uint64_t>(guest_phys_addr{addr});
+}
+
+result<void> page_table_editor::write_entry(std::uint64_t addr, std::uint64_t value) {
+  ++edits_;
+  return mem_.write_object(guest_phys_addr{addr}, value);
+}
+
+result<std::uint64_t> page_table_editor::allocate_table() {
+  std::uint64_t addr = 0;
+  if (!free_.empty()) {
+    addr = free_.back();
+    free_.pop_back();
+  } else {
+    if (used_tables_ >= max_tables_)
+      return error(memory_errc::too_many_ranges, "no free page-table page for a split");
+    addr = root_.value + used_tables_ * page_size;
+    ++used_tables_;
+  }
+  return addr;
+}
+
+result<std::uint64_t> page_table_editor::splits_needed(std::uint64_t start,
+                                                       std::uint64_t end) const {
+  std::uint64_t n = 0;
+  auto partial = [&](std::uint64_t chunk) -> result<void> {
+    const std::uint64_t pd = root_.value + (2 + chunk / gib) * page_size;
+    KILN_TRY_ASSIGN(auto pde, read_entry(pd + ((chunk % gib) / large_page_size) * 8));
+    if (!is_table_pointer(pde)) ++n;
+    return {};
+  };
+  const std::uint64_t first = align_down(start, large_page_size);
+  const std::uint64_t last = align_down(end - 1, large_page_size);
+  if (start != first || (first == last && end != first + large_page_size)) KILN_TRY(partial(first));
+  if (last != first && end != last + large_page_size) KILN_TRY(partial(last));
+  return n;
+}
+
+result<std::uint64_t> page_table_editor::tables_needed(guest_phys_addr start,
+                                                       std::uint64_t size) const {
+  std::uint64_t end = 0;
+  if (size == 0 || __builtin_add_overflow(start.value, size, &end) || end > pd_count_ * gib)
+    return error(memory_errc::out_of_bounds, "page-table range above the mapped address room");
+  return splits_needed(start.value, end);
+}
+
+result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::uint64_t size,
+                                             protection p) {
+  const std::uint64_t start = start_addr.value;
+  if (size == 0 || !is_aligned(start, page_size) || !is_aligned(size, page_size))
+    return error(memory_errc::unaligned, "page-table range");
+  std::uint64_t end = 0;
+  if (__builtin_add_overflow(start, size, &end) || end > pd_count_ * gib)
+    return error(memory_errc::out_of_bounds, "page-table range above the mapped address room");
+  // Only the first and last chunk can be partial: make sure their splits can be served before
+  // writing anything, so a failure leaves the tables as they were.
+  KILN_TRY_ASSIGN(auto need, splits_needed(start, end));
+  if (need > free_tables())
+    return error(memory_errc::too_many_ranges, "no free page-table page for a split");
+
+  const std::uint64_t before = edits_;
+  const std::uint64_t bits = leaf_bits(p);
+  for (std::uint64_t chunk = align_down(start, large_page_size); chunk < end;
+       chunk += large_page_size) {
+    const std::uint64_t chunk_end = chunk + large_page_size;
+    const std::uint64_t pde_addr =
+        root_.value + (2 + chunk / gib) * page_size + ((chunk % gib) / large_page_size) * 8;
+    KILN_TRY_ASSIGN(auto pde, read_entry(pde_addr));
+    const std::uint64_t lo = std::max(start, chunk), hi = std::min(end, chunk_end);
+
+    if (lo == chunk && hi == chunk_end) { // the whole chunk: one 2 MiB leaf (or nothing)
+      const std::uint64_t want = bits ? (chunk | bits | pte_large) : 0;
+      if (is_table_pointer(pde)) free_.push_back(pde & addr_mask);
+      if (pde != want) KILN_TRY(write_entry(pde_addr, want));
+      continue;
+    }
+
+    // Part of the chunk: work on its page table, splitting a 2 MiB leaf (or an empty entry)
+    // into one first.
+    std::array<std::uint64_t, entries_per_table> pt{};
+    std::uint64_t pt_addr = 0;
+    if (is_table_pointer(pde)) {
+      pt_addr = pde & addr_mask;
+      KILN_TRY(mem_.read(guest_phys_addr{pt_addr}, std::as_writable_bytes(std::span(pt))));
+    } else {
+      // Nothing to do if the leaf (or the absence of one) already says `p` for the part.
+      const bool present = (pde & pte_present) != 0;
+      const std::uint64_t have = present ? (pde & ~(pte_large | addr_mask)) : 0;
+      if (have == bits) continue;
+      KILN_TRY_ASSIGN(pt_addr, allocate_table());
+      for (std::uint64_t i = 0; i < entries_per_table; ++i)
+        pt[i] = present ? ((chunk + i * page_size) | have) : 0;
+      KILN_TRY(mem_.write(guest_phys_addr{pt_addr}, std::as_bytes(std::span(pt))));
+      ++edits_; // the new table, written once
+    }
+    bool dirty = false;
+    for (std::uint64_t a = lo; a < hi; a += page_size) {
+      const std::uint64_t want = bits ? (a | bits) : 0;
+      std::uint64_t& e = pt[(a - chunk) / page_size];
+      if (e != want) {
+        e = want;
+        ++edits_;
+        dirty = true;
+      }
+    }
+    // Fold a table whose entries became uniform back into one entry.
+    const std::uint64_t first_flags = pt[0] & ~addr_mask;
+    bool uniform = true;
+    for (std::uint64_t i = 0; i < entries_per_table && uniform; ++i)
+      uniform = (pt[i] & ~addr_mask) == first_flags &&
+                (!(pt[i] & pte_present) ? pt[i] == 0 : (pt[i] & addr_mask) == chunk + i * page_size);
+    if (uniform) {
+      const std::uint64_t want = (pt[0] & pte_present) ? (chunk | first_flags | pte_large) : 0;
+      KILN_TRY(write_entry(pde_addr, want));
+      free_.push_back(pt_addr);
+      continue;
+    }
+    if (dirty) KILN_TRY(mem_.write(guest_phys_addr{pt_addr}, std::as_bytes(std::span(pt))));
+    if (pde != (pt_addr | upper_bits)) KILN_TRY(write_entry(pde_addr, pt_addr | upper_bits));
+  }
+  return edits_ - before;
+}
+
+} // namespace kiln::memory::x86_64

@@ -1,0 +1,68 @@
+// Edits live x86-64 identity page tables in guest memory: map, unmap and re-protect page ranges.
+#pragma once
+
+#include <kiln/memory/address.hpp>
+#include <kiln/memory/guest_memory.hpp>
+#include <kiln/memory/x86_64/page_tables.hpp>
+#include <kiln/support/result.hpp>
+
+#include <cstdint>
+#include <vector>
+
+namespace kiln::memory::x86_64 {
+
+/// Changes the leaf entries of the identity tables that build_identity_page_tables() placed in
+/// guest memory. A range is set to a protection (none = not present); 2 MiB leaves are split
+/// into a page table when a change covers part of one, and a page table whose 512 entries
+/// become uniform again is folded back into one 2 MiB leaf (or an empty entry), its page
+/// returned to the pool. Only entries whose value changes are written, and each write counts
+/// as one edit: setting a range to what it already is costs nothing.
+///
+/// The caller must make the guest drop stale translations where rights were removed (the
+/// guest reloads CR3 after a protect request; an unmapped range is also removed from the
+/// backend, which faults a stale translation at the second stage).
+///
+/// Thread-safety: none; used by the sandbox's thread while its vCPU is stopped.
+class page_table_editor {
+public:
+  /// Takes over the tables of `img` already written at `img.root` in `mem`, with table pages
+  /// up to `max_bytes` from the root available for splits.
+  page_table_editor(guest_memory& mem, const page_table_image& img, std::uint64_t max_bytes,
+                    bool use_nx);
+
+  /// Sets every page of [start, start+size) (page-aligned, below the address limit the tables
+  /// were built for) to `p`. Returns the number of entries written. Errors: unaligned,
+  /// out_of_bounds, too_many_ranges (no free table page for a split; nothing was changed).
+  result<std::uint64_t> set(guest_phys_addr start, std::uint64_t size, protection p);
+
+  /// Table pages set() over [start, start+size) may take (at most 2: the partial 2 MiB chunks
+  /// at its ends that have no table yet), so a caller can check several ranges up front.
+  result<std::uint64_t> tables_needed(guest_phys_addr start, std::uint64_t size) const;
+  /// Table pages still free for splits.
+  std::uint64_t free_tables() const noexcept { return free_.size() + (max_tables_ - used_tables_); }
+
+  /// Total entries written by set() so far.
+  std::uint64_t edits() const noexcept { return edits_; }
+  /// Table pages in use (PML4, PDPT, PDs and page tables).
+  std::uint64_t tables_in_use() const noexcept { return used_tables_ - free_.size(); }
+  std::uint64_t table_capacity() const noexcept { return max_tables_; }
+
+private:
+  std::uint64_t leaf_bits(protection p) const;
+  result<std::uint64_t> read_entry(std::uint64_t addr) const;
+  result<void> write_entry(std::uint64_t addr, std::uint64_t value);
+  result<std::uint64_t> allocate_table();
+  /// Tables that partial changes in [start, end) would need but do not have yet.
+  result<std::uint64_t> splits_needed(std::uint64_t start, std::uint64_t end) const;
+
+  guest_memory& mem_;
+  guest_phys_addr root_;
+  std::uint64_t pd_count_;      // PDs follow the PDPT: PD g maps [g GiB, g+1 GiB)
+  std::uint64_t used_tables_;   // table pages handed out from the root upwards
+  std::uint64_t max_tables_;    // table pages that fit the reserved area
+  std::vector<std::uint64_t> free_; // addresses of table pages folded back, for reuse
+  bool nx_;
+  std::uint64_t edits_ = 0;
+};
+
+} // namespace kiln::memory::x86_64

@@ -1,0 +1,124 @@
+// sandbox::impl: the state of one sandbox, shared by sandbox.cpp (calls, exits) and
+// sandbox_memory.cpp (memory requests, mapped files). Internal to runtime/.
+#pragma once
+
+#include <kiln/guest/abi.h>
+#include <kiln/memory/elf_loader.hpp>
+#include <kiln/memory/file_fault_guard.hpp>
+#include <kiln/memory/guest_memory.hpp>
+#include <kiln/memory/host_file.hpp>
+#include <kiln/memory/layout.hpp>
+#include <kiln/memory/protection_map.hpp>
+#include <kiln/memory/x86_64/page_table_editor.hpp>
+#include <kiln/runtime/sandbox.hpp>
+
+#include <chrono>
+#include <cstdio>
+#include <memory>
+#include <optional>
+#include <string>
+#include <vector>
+
+namespace kiln::detail {
+
+// What a hypercall or exit means for the call in progress.
+struct step {
+  enum kind_t { resume, done, fail, interrupted, park } kind = resume;
+  value result;
+  error err;
+  kiln::sandbox::pending_host_call host;
+  static step resume_guest() { return {}; }
+  static step finished(value v) { return {done, std::move(v), {}, {}}; }
+  static step failed(error e) { return {fail, {}, std::move(e), {}}; }
+  static step kicked() { return {interrupted, {}, {}, {}}; }
+  static step parked(kiln::sandbox::pending_host_call h) { return {park, {}, {}, std::move(h)}; }
+};
+
+
+/// One host file mapped into the guest.
+struct mapped_file_slot {
+  std::string name;
+  memory::host_file file;
+  memory::guest_phys_addr addr;
+  std::uint64_t mapped_size = 0; // page-rounded
+  memory::file_fault_watch watch;
+};
+
+} // namespace kiln::detail
+
+namespace kiln {
+
+struct sandbox::impl {
+  sandbox_config config;
+  host_functions functions;
+  memory::guest_memory mem;
+  memory::layout layout;
+  std::unique_ptr<vcpu::vcpu> cpu;
+  error poison;
+  bool is_poisoned = false;
+  bool ready = false;
+  bool calling = false; // between begin_call and the end of that call
+  std::chrono::steady_clock::time_point call_started;
+  sandbox_stats stats;
+  std::uint64_t log_budget = 0;
+  std::vector<std::byte> scratch; // copy of out_buf for parsing; sized once
+
+  // Memory bookkeeping (sandbox_memory.cpp). Declared after `mem`, so destroyed before it.
+  memory::protection_map prot;                             // the guest-owned pages' rights
+  std::optional<memory::x86_64::page_table_editor> tables; // the live page tables
+  memory::file_fault_state file_faults;                    // outlives the watches in `files`
+  std::vector<std::unique_ptr<detail::mapped_file_slot>> files;
+  memory_stats mstats;
+  std::uint64_t backend_calls_at_build = 0;
+
+  impl(sandbox_config c, host_functions f, memory::guest_memory m)
+      : config(std::move(c)), functions(std::move(f)), mem(std::move(m)) {}
+
+  result<void> build(const memory::elf_image& image);
+  result<value> run_until_ready();
+  sandbox::run_state resume();
+  result<void> write_host_result(const host_call_outcome& outcome);
+  void set_poison(error e) {
+    is_poisoned = true;
+    poison = std::move(e);
+  }
+  using step = detail::step;
+  step on_exit(const vcpu::exit& e, bool init);
+  step on_hypercall(const vcpu::exits::io_out& io, bool init);
+  step host_call(std::uint32_t len);
+  step on_log(std::uint32_t len);
+  step on_abort(std::uint32_t code);
+  step on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip,
+                    std::uint64_t cr2);
+  result<std::span<const std::byte>> copy_out(std::uint32_t len);
+
+  // sandbox_memory.cpp
+  result<void> init_memory(const memory::x86_64::page_table_image& img, bool nx);
+  step on_memory_request(std::uint32_t len);
+  /// Serves one request; a host-side failure (a syscall that should not fail) goes to `fatal`.
+  std::uint32_t serve_memory_request(const kiln_memory_request& req, std::optional<error>& fatal);
+  result<std::uint32_t> serve_protect(std::uint64_t addr, std::uint64_t size, memory::protection p);
+  result<std::uint32_t> serve_release(std::uint64_t addr, std::uint64_t size);
+  /// Whether every page of [addr, addr+size) belongs to a region of an allowed kind.
+  bool owned(std::uint64_t addr, std::uint64_t end, bool heap_or_stack_only) const;
+  result<mapped_file_info> map_file(const file_mapping& request);
+  result<void> unmap_file(std::string_view name);
+  result<void> write_file_table();
+  /// An error naming lost mapped-file pages, if the guest touched any (checked after exits).
+  std::optional<error> lost_file_pages();
+  /// A clearer error for a fault at `addr`, if it hit a page the guest tightened or a file.
+  std::optional<error> name_memory_fault(std::uint64_t addr, bool write, bool fetch,
+                                         std::uint64_t rip) const;
+  memory_stats memory_stats_now() const;
+  result<void> write_in(std::span<const std::byte> bytes);
+
+  void emit_log(std::string_view line) {
+    ++stats.log_lines;
+    if (config.log_sink)
+      config.log_sink(line);
+    else
+      std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
+  }
+};
+
+} // namespace kiln
