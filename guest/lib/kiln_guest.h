@@ -1,4 +1,5 @@
-/* The kiln guest library's public API: register functions, call the host, log, abort. */
+/* The kiln guest library's public API: register functions, call the host, log, abort, memory
+ * requests and host files. */
 #ifndef KILN_GUEST_H
 #define KILN_GUEST_H
 
@@ -102,6 +103,47 @@ struct kiln_heap_stats {
   uint64_t free_blocks; /* blocks on the free lists */
 };
 void kiln_heap_stats(struct kiln_heap_stats* out);
+
+/* ---- the guest-owned memory contract (KILN_PORT_MEMORY) ----
+ * Both requests go through out_buf, whose first bytes they save and restore: they may be made
+ * while a call's result is already encoded there (the library frees memory after encoding).
+ * addr and len are passed through unchecked; the host validates them (enum kiln_memory_status).
+ * On a host without KILN_FEATURE_MEMORY_OPS both return KILN_MEMORY_BAD_REQUEST and make no
+ * hypercall. Not reentrant (one vCPU, no interrupts: nothing can interleave). */
+
+/* Tighten the protection of [addr, addr + len) to `prot` (enum kiln_prot bits; only removing
+ * rights is allowed). On KILN_MEMORY_OK the TLB is flushed (CR3 reload), so the new rights hold
+ * from the next instruction. Returns an enum kiln_memory_status. */
+int kiln_protect(void* addr, size_t len, unsigned prot);
+
+/* Hand the pages of [addr, addr + len) back to the host: they read as zero afterwards and stop
+ * counting as resident; writing them again takes fresh zeroed pages. The caller must not rely
+ * on their contents. Returns an enum kiln_memory_status. */
+int kiln_release(void* addr, size_t len);
+
+/* "OK", "UNALIGNED", ... for messages; "UNKNOWN" for a value outside the enum. */
+const char* kiln_memory_status_name(int status);
+
+/* ---- host files mapped read-only into the guest (KILN_FEATURE_FILE_TABLE) ----
+ * The host may change the file table between calls, so these read it afresh every time, and a
+ * struct kiln_file (its data and name) is valid only until the current call returns. Entries
+ * whose name is not NUL-terminated within KILN_FILE_NAME_MAX, or whose range wraps, are skipped;
+ * at most 32 entries are read. Without KILN_FEATURE_FILE_TABLE there are no files. Writing a
+ * file's data faults. */
+struct kiln_file {
+  const void* data;
+  uint64_t size;
+  const char* name; /* NUL-terminated, inside the host's table */
+};
+
+/* Number of (valid) files. */
+uint32_t kiln_file_count(void);
+/* The index-th valid file, in table order; false when index >= kiln_file_count(). */
+bool kiln_file_at(uint32_t index, struct kiln_file* out);
+/* The file named `name` (NUL-terminated); false when there is none. */
+bool kiln_file_find(const char* name, struct kiln_file* out);
+/* The same with a name that is not NUL-terminated (e.g. a STRING argument). */
+bool kiln_file_find_n(const char* name, size_t name_len, struct kiln_file* out);
 
 #ifdef __cplusplus
 }
