@@ -97,7 +97,8 @@ _Noreturn void kiln_start(const struct kiln_boot_info* bi) {
   kiln_io_.emulated = (bi->features & KILN_FEATURE_EMULATED) != 0;
   if (kiln_io_.out_size < 64 || kiln_io_.in_size < sizeof(struct kiln_msg_header))
     kiln_abort(KILN_ABORT_BOOT_INFO, "guest library: I/O buffers too small");
-  kiln_heap_init(bi->heap_start, bi->heap_size);
+  /* The allocator hands free pages back only to a host that serves KILN_PORT_MEMORY. */
+  kiln_heap_init(bi->heap_start, bi->heap_size, (bi->features & KILN_FEATURE_MEMORY_OPS) != 0);
   run_constructors();
   kiln_guest_init();
   kiln_dispatch_loop();

@@ -84,7 +84,8 @@ void kiln_str_append_n(char* dst, size_t cap, const char* src, size_t n);
 void kiln_str_append_u64(char* dst, size_t cap, uint64_t v);
 
 /* Allocator and runtime hooks called from the entry path. */
-void kiln_heap_init(uint64_t start, uint64_t size);
+/* hand_back: the allocator may return free pages with kiln_release (KILN_FEATURE_MEMORY_OPS). */
+void kiln_heap_init(uint64_t start, uint64_t size, bool hand_back);
 void kiln_idt_install(void);
 _Noreturn void kiln_dispatch_loop(void);
 

@@ -97,10 +97,15 @@ const struct kiln_boot_info* kiln_boot_info(void);
 
 /* Heap statistics of the guest allocator (bytes). */
 struct kiln_heap_stats {
-  uint64_t heap_size;   /* the region the host gave */
-  uint64_t in_use;      /* bytes in allocated blocks, headers included */
-  uint64_t high_water;  /* bytes of the region ever handed out (the rest is untouched) */
-  uint64_t free_blocks; /* blocks on the free lists */
+  uint64_t heap_size;      /* the region the host gave */
+  uint64_t in_use;         /* bytes in allocated blocks, headers included */
+  uint64_t high_water;     /* bytes from the heap's start up to the highest byte that may hold
+                              data; above it the heap reads as zero (never written, or handed
+                              back to the host) */
+  uint64_t free_blocks;    /* blocks on the free lists */
+  uint64_t released_bytes; /* bytes handed back to the host by the allocator (successful
+                              kiln_release calls), cumulative */
+  uint64_t release_calls;  /* kiln_release calls the allocator made, failed ones included */
 };
 void kiln_heap_stats(struct kiln_heap_stats* out);
 
@@ -123,6 +128,11 @@ int kiln_release(void* addr, size_t len);
 
 /* "OK", "UNALIGNED", ... for messages; "UNKNOWN" for a value outside the enum. */
 const char* kiln_memory_status_name(int status);
+
+/* The allocator hands a free range back to the host (kiln_release) once it holds at least this
+ * many bytes that are not already handed back; only when the host sets KILN_FEATURE_MEMORY_OPS
+ * and the heap region ends on a page boundary. */
+#define KILN_RELEASE_MIN (256u * 1024u)
 
 /* ---- host files mapped read-only into the guest (KILN_FEATURE_FILE_TABLE) ----
  * The host may change the file table between calls, so these read it afresh every time, and a
