@@ -63,13 +63,16 @@ result<std::uint64_t> page_table_editor::allocate_table() {
   return addr;
 }
 
-result<std::uint64_t> page_table_editor::splits_needed(std::uint64_t start,
-                                                       std::uint64_t end) const {
+result<std::uint64_t> page_table_editor::splits_needed(std::uint64_t start, std::uint64_t end,
+                                                       std::optional<std::uint64_t> bits) const {
   std::uint64_t n = 0;
   auto partial = [&](std::uint64_t chunk) -> result<void> {
     const std::uint64_t pd = root_.value + (2 + chunk / gib) * page_size;
     KILN_TRY_ASSIGN(auto pde, read_entry(pd + ((chunk % gib) / large_page_size) * 8));
-    if (!is_table_pointer(pde)) ++n;
+    if (is_table_pointer(pde)) return {};
+    // As set() decides: a leaf or empty entry that already says `bits` is left alone.
+    const std::uint64_t have = (pde & pte_present) ? (pde & ~(pte_large | addr_mask)) : 0;
+    if (!bits || have != *bits) ++n;
     return {};
   };
   const std::uint64_t first = align_down(start, large_page_size);
@@ -79,10 +82,16 @@ result<std::uint64_t> page_table_editor::splits_needed(std::uint64_t start,
   return n;
 }
 
+std::uint64_t page_table_editor::limit() const noexcept {
+  // The tables were built for the guest's address limit; their PDs reach the GiB above it, but
+  // nothing exists between the limit and that GiB for a leaf to point at.
+  return std::min(pd_count_ * gib, mem_.address_limit());
+}
+
 result<std::uint64_t> page_table_editor::tables_needed(guest_phys_addr start,
                                                        std::uint64_t size) const {
   std::uint64_t end = 0;
-  if (size == 0 || __builtin_add_overflow(start.value, size, &end) || end > pd_count_ * gib)
+  if (size == 0 || __builtin_add_overflow(start.value, size, &end) || end > limit())
     return error(memory_errc::out_of_bounds, "page-table range above the mapped address room");
   return splits_needed(start.value, end);
 }
@@ -93,16 +102,16 @@ result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::ui
   if (size == 0 || !is_aligned(start, page_size) || !is_aligned(size, page_size))
     return error(memory_errc::unaligned, "page-table range");
   std::uint64_t end = 0;
-  if (__builtin_add_overflow(start, size, &end) || end > pd_count_ * gib)
+  if (__builtin_add_overflow(start, size, &end) || end > limit())
     return error(memory_errc::out_of_bounds, "page-table range above the mapped address room");
   // Only the first and last chunk can be partial: make sure their splits can be served before
   // writing anything, so a failure leaves the tables as they were.
-  KILN_TRY_ASSIGN(auto need, splits_needed(start, end));
+  const std::uint64_t bits = leaf_bits(p);
+  KILN_TRY_ASSIGN(auto need, splits_needed(start, end, bits));
   if (need > free_tables())
     return error(memory_errc::too_many_ranges, "no free page-table page for a split");
 
   const std::uint64_t before = edits_;
-  const std::uint64_t bits = leaf_bits(p);
   for (std::uint64_t chunk = align_down(start, large_page_size); chunk < end;
        chunk += large_page_size) {
     const std::uint64_t chunk_end = chunk + large_page_size;

@@ -7,6 +7,7 @@
 #include <kiln/support/result.hpp>
 
 #include <cstdint>
+#include <optional>
 #include <vector>
 
 namespace kiln::memory::x86_64 {
@@ -52,8 +53,12 @@ private:
   result<std::uint64_t> read_entry(std::uint64_t addr) const;
   result<void> write_entry(std::uint64_t addr, std::uint64_t value);
   result<std::uint64_t> allocate_table();
-  /// Tables that partial changes in [start, end) would need but do not have yet.
-  result<std::uint64_t> splits_needed(std::uint64_t start, std::uint64_t end) const;
+  /// Tables that partial changes in [start, end) would need but do not have yet; given the
+  /// leaf bits to set, a partial chunk whose leaf (or empty entry) already has them needs none.
+  result<std::uint64_t> splits_needed(std::uint64_t start, std::uint64_t end,
+                                      std::optional<std::uint64_t> bits = std::nullopt) const;
+  /// End of the range the tables may map: the guest's address limit.
+  std::uint64_t limit() const noexcept;
 
   guest_memory& mem_;
   guest_phys_addr root_;
