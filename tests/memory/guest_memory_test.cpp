@@ -6,11 +6,18 @@
 
 #include <algorithm>
 #include <array>
+#include <csignal>
 #include <cstdint>
 #include <cstring>
+#include <filesystem>
 #include <optional>
+#include <random>
 #include <string>
+#include <system_error>
 #include <vector>
+
+#include <fcntl.h>
+#include <unistd.h>
 
 namespace kiln::memory {
 namespace {
@@ -251,6 +258,300 @@ TEST_F(GuestMemory, MovesRegionsAndBytes) {
   EXPECT_EQ(*v, 42u);
 }
 
+// ---- The file room and the host-side changes ------------------------------------------------
+
+TEST(GuestMemoryCreate, AFileRoomExtendsTheAddressLimit) {
+  auto plain = guest_memory::create(16 * mib);
+  ASSERT_TRUE(plain);
+  EXPECT_EQ(plain->address_limit(), 16 * mib);
+  auto roomy = guest_memory::create(16 * mib, 4 * mib);
+  ASSERT_TRUE(roomy) << roomy.err().message();
+  EXPECT_EQ(roomy->size(), 16 * mib);
+  EXPECT_EQ(roomy->address_limit(), 20 * mib);
+  EXPECT_TRUE(roomy->owns_host_address(roomy->host_address_for_mapping(guest_phys_addr{0})));
+  EXPECT_TRUE(
+      roomy->owns_host_address(roomy->host_address_for_mapping(guest_phys_addr{20 * mib - 1})));
+  EXPECT_FALSE(
+      roomy->owns_host_address(roomy->host_address_for_mapping(guest_phys_addr{20 * mib})));
+}
+
+TEST(GuestMemoryCreate, RejectsBadFileRooms) {
+  for (std::uint64_t room : {page_size, mib, 2 * mib + page_size, fixed::max_file_room + 2 * mib})
+    EXPECT_EQ(guest_memory::create(16 * mib, room).code(), memory_errc::bad_size) << room;
+}
+
+// 16 MiB of RAM and a 4 MiB file room; a temp directory for files to map.
+class GuestMemoryRoom : public ::testing::Test {
+protected:
+  static constexpr std::uint64_t room = 16 * mib, limit = 20 * mib;
+
+  void SetUp() override {
+    auto m = guest_memory::create(16 * mib, 4 * mib);
+    ASSERT_TRUE(m) << m.err().message();
+    mem_.emplace(std::move(m).value());
+    std::random_device rd;
+    dir_ = std::filesystem::temp_directory_path() /
+           ("kiln_guest_memory_test." + std::to_string(::getpid()) + "." + std::to_string(rd()));
+    ASSERT_TRUE(std::filesystem::create_directory(dir_));
+  }
+  void TearDown() override {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  guest_memory& mem() { return *mem_; }
+
+  /// A file of `bytes` (byte i is i * 7 + 1, mod 256), opened read-only; the caller closes it.
+  int make_file(std::size_t bytes) {
+    const auto path = dir_ / ("file" + std::to_string(files_++));
+    std::vector<unsigned char> data(bytes);
+    for (std::size_t i = 0; i < bytes; ++i)
+      data[i] = static_cast<unsigned char>(i * 7 + 1);
+    const int w = ::open(path.c_str(), O_WRONLY | O_CREAT | O_CLOEXEC, 0600);
+    EXPECT_GE(w, 0);
+    EXPECT_EQ(::write(w, data.data(), bytes), static_cast<ssize_t>(bytes));
+    ::close(w);
+    const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
+    EXPECT_GE(fd, 0);
+    return fd;
+  }
+
+  /// One byte read or written through the host mapping, really performed.
+  unsigned char host_read(std::uint64_t a) {
+    // SAFETY: `a` lies in this guest's reservation; the tests expect some reads to fault.
+    return *reinterpret_cast<volatile unsigned char*>(
+        mem().host_address_for_mapping(guest_phys_addr{a}));
+  }
+  void host_write(std::uint64_t a, unsigned char v) {
+    // SAFETY: as in host_read().
+    *reinterpret_cast<volatile unsigned char*>(mem().host_address_for_mapping(guest_phys_addr{a})) =
+        v;
+  }
+
+  std::optional<guest_memory> mem_;
+  std::filesystem::path dir_;
+  int files_ = 0;
+};
+
+TEST_F(GuestMemoryRoom, FileRegionsLiveInTheRoomAndOthersInRam) {
+  using enum region_kind;
+  EXPECT_TRUE(mem().add_region(make_region("f", room, 3 * page_size, prot_r, file)));
+  EXPECT_TRUE(mem().add_region(make_region("last", limit - page_size, page_size, prot_r, file)));
+  EXPECT_TRUE(mem().add_region(make_region("heap", 16 * mib - page_size, page_size)));
+  struct req {
+    std::uint64_t start, size;
+    region_kind kind;
+    memory_errc want;
+    const char* what;
+  };
+  const req bad[] = {
+      {0x200000, page_size, file, memory_errc::out_of_bounds, "a file region in RAM"},
+      {room - page_size, 2 * page_size, file, memory_errc::out_of_bounds,
+       "a file region starting in RAM"},
+      {room + 2 * mib, page_size, heap, memory_errc::out_of_bounds, "a heap in the room"},
+      {room - 2 * page_size, 4 * page_size, heap, memory_errc::out_of_bounds,
+       "a heap running into the room"},
+      {limit - page_size, 2 * page_size, file, memory_errc::out_of_bounds,
+       "a file region past the room"},
+      {limit, page_size, file, memory_errc::out_of_bounds, "a file region at the limit"},
+      {room + page_size, page_size, file, memory_errc::overlapping_region, "overlaps f"},
+      {room + 0x800, page_size, file, memory_errc::unaligned, "unaligned"},
+  };
+  for (const auto& r : bad)
+    EXPECT_EQ(mem().add_region(make_region("new", r.start, r.size, prot_r, r.kind)).code(), r.want)
+        << r.what;
+  EXPECT_EQ(mem().regions().size(), 3u);
+}
+
+TEST_F(GuestMemoryRoom, OnlyFileRegionsCanBeRemoved) {
+  using enum region_kind;
+  ASSERT_TRUE(mem().add_region(make_region("heap", 0x200000, 0x2000)));
+  ASSERT_TRUE(mem().add_region(make_region("f", room, 2 * page_size, prot_r, file)));
+  EXPECT_EQ(mem().remove_region(guest_phys_addr{0x200000}).code(), memory_errc::out_of_bounds);
+  EXPECT_EQ(mem().remove_region(guest_phys_addr{room + page_size}).code(),
+            memory_errc::out_of_bounds)
+      << "not the start of the region";
+  EXPECT_EQ(mem().remove_region(guest_phys_addr{room + 2 * mib}).code(), memory_errc::out_of_bounds)
+      << "no region there";
+  EXPECT_EQ(mem().regions().size(), 2u);
+  ASSERT_TRUE(mem().remove_region(guest_phys_addr{room}));
+  EXPECT_EQ(mem().regions().size(), 1u);
+  EXPECT_EQ(mem().find(guest_phys_addr{room}), nullptr);
+  EXPECT_EQ(mem().remove_region(guest_phys_addr{room}).code(), memory_errc::out_of_bounds)
+      << "already removed";
+  // The room can take a file region there again.
+  EXPECT_TRUE(mem().add_region(make_region("g", room, page_size, prot_r, file)));
+}
+
+TEST_F(GuestMemoryRoom, HostProtectMakesPagesReadOnlyInTheHost) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::uint64_t a = 0x400000;
+  host_write(a, 0x5a);
+  ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, 2 * page_size, prot_r));
+  EXPECT_EQ(host_read(a), 0x5a) << "still readable";
+  EXPECT_EXIT(host_write(a + page_size + 1, 1), ::testing::KilledBySignal(SIGSEGV), "");
+  host_write(a + 2 * page_size, 3); // the page after the range stays writable
+
+  // Exec is a guest-side right: RX is R in the host.
+  ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, page_size, prot_rx));
+  EXPECT_EXIT(host_write(a, 1), ::testing::KilledBySignal(SIGSEGV), "");
+
+  ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, page_size, protection::none));
+  EXPECT_EXIT(host_read(a), ::testing::KilledBySignal(SIGSEGV), "");
+
+  ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, 2 * page_size, prot_rw));
+  host_write(a + page_size + 1, 9);
+  EXPECT_EQ(host_read(a + page_size + 1), 9);
+  EXPECT_EQ(host_read(a), 0x5a) << "protection changes keep the bytes";
+}
+
+TEST_F(GuestMemoryRoom, DiscardZeroesPagesAndReleasesThem) {
+  ASSERT_TRUE(mem().add_region(make_region("heap", 0x200000, 2 * mib)));
+  const guest_phys_addr a{0x200000 + 16 * page_size};
+  auto untouched = mem().resident_bytes(a, 16 * page_size);
+  ASSERT_TRUE(untouched);
+  EXPECT_EQ(*untouched, 0u) << "MAP_NORESERVE memory is not resident until written";
+
+  ASSERT_TRUE(mem().write(a, filled(16 * page_size, 0xee)));
+  auto before = mem().resident_bytes(a, 16 * page_size);
+  ASSERT_TRUE(before);
+  EXPECT_EQ(*before, 16 * page_size);
+
+  ASSERT_TRUE(mem().discard(a + 4 * page_size, 8 * page_size));
+  auto after = mem().resident_bytes(a, 16 * page_size);
+  ASSERT_TRUE(after);
+  EXPECT_LT(*after, *before);
+  auto gone = mem().resident_bytes(a + 4 * page_size, 8 * page_size);
+  ASSERT_TRUE(gone);
+  EXPECT_EQ(*gone, 0u);
+
+  auto out = filled(16 * page_size, 0x11);
+  ASSERT_TRUE(mem().read(a, out));
+  EXPECT_EQ(std::vector<std::byte>(out.begin(), out.begin() + 4 * page_size),
+            filled(4 * page_size, 0xee));
+  EXPECT_EQ(std::vector<std::byte>(out.begin() + 4 * page_size, out.begin() + 12 * page_size),
+            filled(8 * page_size, 0));
+  EXPECT_EQ(std::vector<std::byte>(out.begin() + 12 * page_size, out.end()),
+            filled(4 * page_size, 0xee));
+}
+
+TEST_F(GuestMemoryRoom, MapFileShowsTheFileAndUnmapFileTakesItAway) {
+  GTEST_FLAG_SET(death_test_style, "threadsafe");
+  const std::size_t bytes = 2 * page_size + 1000; // the last page is partly past the end
+  const int fd = make_file(bytes);
+  ASSERT_GE(fd, 0);
+  const guest_phys_addr at{room + 2 * mib};
+  ASSERT_TRUE(mem().map_file(at, 3 * page_size, fd));
+  ::close(fd); // the mapping keeps no reference to the descriptor
+
+  for (std::size_t i : {std::size_t{0}, std::size_t{1}, page_size, 2 * page_size + 999})
+    EXPECT_EQ(host_read(at.value + i), static_cast<unsigned char>(i * 7 + 1)) << i;
+  EXPECT_EQ(host_read(at.value + bytes), 0) << "past the file's end, in its last page";
+  EXPECT_EQ(host_read(at.value + 3 * page_size - 1), 0);
+
+  // Through a file region, the checked accessors read the same bytes.
+  ASSERT_TRUE(
+      mem().add_region(make_region("f", at.value, 3 * page_size, prot_r, region_kind::file)));
+  auto b = mem().read_object<unsigned char>(at + 1234);
+  ASSERT_TRUE(b);
+  EXPECT_EQ(*b, static_cast<unsigned char>(1234 * 7 + 1));
+  EXPECT_TRUE(mem().resident_bytes(at, 3 * page_size)) << "the room can be queried";
+
+  // The mapping is read-only.
+  EXPECT_EXIT(host_write(at.value, 1), ::testing::KilledBySignal(SIGSEGV), "");
+  // The rest of the room stays inaccessible.
+  EXPECT_EXIT(host_read(room), ::testing::KilledBySignal(SIGSEGV), "");
+
+  ASSERT_TRUE(mem().unmap_file(at, 3 * page_size));
+  ASSERT_TRUE(mem().remove_region(at));
+  auto none = mem().resident_bytes(at, 3 * page_size);
+  ASSERT_TRUE(none);
+  EXPECT_EQ(*none, 0u);
+  EXPECT_EXIT(host_read(at.value), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_read(at.value + 2 * page_size), ::testing::KilledBySignal(SIGSEGV), "");
+}
+
+TEST_F(GuestMemoryRoom, MapFileReportsTheMmapErrno) {
+  EXPECT_EQ(mem().map_file(guest_phys_addr{room}, page_size, -1).code(),
+            std::make_error_code(std::errc::bad_file_descriptor));
+}
+
+TEST_F(GuestMemoryRoom, HostSyscallsCountsEachHostChange) {
+  EXPECT_EQ(mem().host_syscalls(), 0u);
+  ASSERT_TRUE(mem().host_protect(guest_phys_addr{0x200000}, page_size, prot_r));
+  EXPECT_EQ(mem().host_syscalls(), 1u);
+  ASSERT_TRUE(mem().host_protect(guest_phys_addr{0x200000}, page_size, prot_rw));
+  EXPECT_EQ(mem().host_syscalls(), 2u);
+  ASSERT_TRUE(mem().discard(guest_phys_addr{0x200000}, page_size));
+  EXPECT_EQ(mem().host_syscalls(), 3u);
+  const int fd = make_file(page_size);
+  ASSERT_TRUE(mem().map_file(guest_phys_addr{room}, page_size, fd));
+  ::close(fd);
+  EXPECT_EQ(mem().host_syscalls(), 4u);
+  ASSERT_TRUE(mem().unmap_file(guest_phys_addr{room}, page_size));
+  EXPECT_EQ(mem().host_syscalls(), 5u);
+  // A query is not a change.
+  ASSERT_TRUE(mem().resident_bytes(guest_phys_addr{0x200000}, page_size));
+  EXPECT_EQ(mem().host_syscalls(), 5u);
+  // A syscall that fails was still issued.
+  EXPECT_FALSE(mem().map_file(guest_phys_addr{room}, page_size, -1));
+  EXPECT_EQ(mem().host_syscalls(), 6u);
+  // A range refused before any syscall is not counted.
+  EXPECT_FALSE(mem().host_protect(guest_phys_addr{0x200800}, page_size, prot_r));
+  EXPECT_FALSE(mem().discard(guest_phys_addr{room}, page_size));
+  EXPECT_FALSE(mem().unmap_file(guest_phys_addr{0}, page_size));
+  EXPECT_EQ(mem().host_syscalls(), 6u);
+}
+
+TEST_F(GuestMemoryRoom, HostChangesRefuseRangesOutsideTheirPart) {
+  // nullopt: the call succeeds. host_protect() and discard() work on RAM, map_file() and
+  // unmap_file() on the room; resident_bytes() on either, but not across both.
+  using enum memory_errc;
+  using want = std::optional<memory_errc>;
+  struct req {
+    std::uint64_t start, len;
+    want ram, room_calls, resident;
+    const char* what;
+  };
+  const req cases[] = {
+      {0x200800, page_size, unaligned, unaligned, unaligned, "unaligned start"},
+      {0x200000, 0x800, unaligned, unaligned, unaligned, "unaligned length"},
+      {0x200000, 0, unaligned, unaligned, unaligned, "empty"},
+      {room + 0x800, page_size, unaligned, unaligned, unaligned, "unaligned start in the room"},
+      {0x200000, page_size, std::nullopt, out_of_bounds, std::nullopt, "RAM"},
+      {room - page_size, 2 * page_size, out_of_bounds, out_of_bounds, out_of_bounds,
+       "across RAM's end"},
+      {room, page_size, out_of_bounds, std::nullopt, std::nullopt, "the room"},
+      {limit - page_size, 2 * page_size, out_of_bounds, out_of_bounds, out_of_bounds,
+       "across the limit"},
+      {limit, page_size, out_of_bounds, out_of_bounds, out_of_bounds, "past the limit"},
+      {~0ull - page_size + 1, 2 * page_size, out_of_bounds, out_of_bounds, out_of_bounds,
+       "wraps 2^64"},
+  };
+  const int fd = make_file(page_size);
+  ASSERT_GE(fd, 0);
+  auto check = [](const result<void>& r, want w, const char* call, const char* what) {
+    if (w) {
+      EXPECT_EQ(r.code(), *w) << call << ": " << what;
+    } else {
+      EXPECT_TRUE(r) << call << ": " << what << ": " << r.err().message();
+    }
+  };
+  for (const auto& c : cases) {
+    const guest_phys_addr a{c.start};
+    check(mem().host_protect(a, c.len, prot_rw), c.ram, "host_protect", c.what);
+    check(mem().discard(a, c.len), c.ram, "discard", c.what);
+    check(mem().map_file(a, c.len, fd), c.room_calls, "map_file", c.what);
+    check(mem().unmap_file(a, c.len), c.room_calls, "unmap_file", c.what);
+    auto r = mem().resident_bytes(a, c.len);
+    if (c.resident) {
+      EXPECT_EQ(r.code(), *c.resident) << "resident_bytes: " << c.what;
+    } else {
+      EXPECT_TRUE(r) << "resident_bytes: " << c.what;
+    }
+  }
+  ::close(fd);
+}
+
 TEST(RegionKind, EveryKindHasAName) {
   using enum region_kind;
   const std::pair<region_kind, const char*> names[] = {{boot_info, "boot_info"},
@@ -261,7 +562,8 @@ TEST(RegionKind, EveryKindHasAName) {
                                                        {io_out, "io_out"},
                                                        {image, "image"},
                                                        {heap, "heap"},
-                                                       {stack, "stack"}};
+                                                       {stack, "stack"},
+                                                       {file, "file"}};
   for (auto [k, name] : names)
     EXPECT_STREQ(to_string(k), name);
 }
