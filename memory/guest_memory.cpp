@@ -2,7 +2,13 @@
 #include <kiln/memory/guest_memory.hpp>
 #include <kiln/memory/layout.hpp>
 
+#include <kiln/memory/detail/pagemap_scan.hpp>
+#include <kiln/support/unique_fd.hpp>
+
+#include <fcntl.h>
+#include <sys/ioctl.h>
 #include <sys/mman.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <cstring>
@@ -130,11 +136,53 @@ result<void> guest_memory::unmap_file(guest_phys_addr a, std::uint64_t len) {
 result<std::uint64_t> guest_memory::resident_bytes(guest_phys_addr a, std::uint64_t len) const {
   const bool room = a.value >= size();
   KILN_TRY_ASSIGN(auto* host, host_range(a, len, room));
-  std::vector<unsigned char> vec(len / page_size);
-  if (::mincore(host, len, vec.data()) != 0) return errno_error("mincore guest memory");
+  unique_fd fd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+  if (!fd) return errno_error("open /proc/self/pagemap");
+  const auto lo = reinterpret_cast<std::uintptr_t>(host);
+  const std::uint64_t hi = lo + len;
+
+  // Not mincore: a page the guest only read after a discard maps the kernel's shared zero page,
+  // which mincore (and, on recent kernels, pagemap's "exclusive" bit) reports as resident
+  // although it costs nothing. PAGEMAP_SCAN can tell it apart: count present pages that are
+  // not the zero page.
+  std::uint64_t bytes = 0;
+  detail::page_region regions[64];
+  detail::pm_scan_arg arg{};
+  arg.size = sizeof arg;
+  arg.start = lo;
+  arg.end = hi;
+  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
+  arg.vec_len = std::size(regions);
+  arg.category_mask = detail::page_is_present | detail::page_is_pfnzero;
+  arg.category_inverted = detail::page_is_pfnzero;
+  arg.return_mask = detail::page_is_present;
+  for (;;) {
+    const int n = ::ioctl(fd.get(), detail::pagemap_scan_request, &arg);
+    if (n < 0) break; // no PAGEMAP_SCAN (before Linux 6.7): the pagemap read below
+    for (int i = 0; i < n; ++i)
+      bytes += regions[i].end - regions[i].start;
+    if (arg.walk_end >= hi) return bytes;
+    arg.start = arg.walk_end;
+  }
+
+  // Fallback: present and exclusively mapped pages (bit 56), which leaves the zero page out on
+  // kernels before 6.7.
+  constexpr std::uint64_t present = 1ull << 63, exclusive = 1ull << 56;
+  std::vector<std::uint64_t> entries(4096);
   std::uint64_t pages = 0;
-  for (unsigned char v : vec)
-    pages += v & 1;
+  const std::uint64_t first = lo / page_size;
+  for (std::uint64_t done = 0, total = len / page_size; done < total;) {
+    const std::uint64_t n = std::min<std::uint64_t>(entries.size(), total - done);
+    const auto want = static_cast<ssize_t>(n * sizeof(std::uint64_t));
+    const ssize_t got = ::pread(fd.get(), entries.data(), static_cast<std::size_t>(want),
+                                static_cast<off_t>((first + done) * sizeof(std::uint64_t)));
+    if (got != want)
+      return got < 0 ? errno_error("read /proc/self/pagemap")
+                     : error(memory_errc::out_of_bounds, "short pagemap read");
+    for (std::uint64_t i = 0; i < n; ++i)
+      pages += (entries[i] & (present | exclusive)) == (present | exclusive);
+    done += n;
+  }
   return pages * page_size;
 }
 

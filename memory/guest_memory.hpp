@@ -115,7 +115,9 @@ public:
   result<void> map_file(guest_phys_addr a, std::uint64_t len, int fd);
   /// Returns [a, a+len) of the file room to inaccessible reserved memory.
   result<void> unmap_file(guest_phys_addr a, std::uint64_t len);
-  /// Bytes of [a, a+len) resident in host memory (mincore); not counted as a change.
+  /// Bytes of [a, a+len) that hold host memory: present pages other than the kernel's shared
+  /// zero page (PAGEMAP_SCAN on Linux 6.7+, else pagemap's present-and-exclusive bits). Not
+  /// counted as a change.
   result<std::uint64_t> resident_bytes(guest_phys_addr a, std::uint64_t len) const;
   /// Syscalls issued by the functions above.
   std::uint64_t host_syscalls() const noexcept { return host_syscalls_; }

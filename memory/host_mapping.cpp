@@ -59,6 +59,12 @@ result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards,
   m.extra_ = extra;
   if (::mprotect(m.data_, size, PROT_READ | PROT_WRITE) != 0)
     return errno_error("mprotect guest memory");
+  // No transparent huge pages, whatever the host's THP setting: with them one guest store
+  // would make 2 MiB resident, a read would map a huge zero page that page-level accounting
+  // cannot tell apart, and a discard or restore would work on 2 MiB units. Density and exact
+  // per-page accounting matter more here than the TLB reach THP would give KVM guests.
+  // Best effort: a kernel without THP refuses the advice, which is then moot.
+  (void)::madvise(m.data_, size, MADV_NOHUGEPAGE);
   return m;
 }
 

@@ -20,7 +20,8 @@ public:
   host_mapping(const host_mapping&) = delete;
   host_mapping& operator=(const host_mapping&) = delete;
 
-  /// Maps `size` bytes (a multiple of the page size) of zeroed, private, read-write memory.
+  /// Maps `size` bytes (a multiple of the page size) of zeroed, private, read-write memory,
+  /// advised MADV_NOHUGEPAGE (see the .cpp for why).
   /// `extra` more bytes (page multiple) are reserved inaccessible right after them (between
   /// them and the upper guard), for the owner to map things into later with MAP_FIXED.
   static result<host_mapping> anonymous(std::uint64_t size, bool guards = true,

@@ -171,7 +171,8 @@ public:
   result<void> unmap_file(std::string_view name);
   std::vector<mapped_file_info> mapped_files() const;
 
-  /// Bytes of the guest's RAM resident in host memory now (mincore over the RAM mapping).
+  /// Bytes of the guest's RAM that hold host memory now (present, private pages; see
+  /// memory::guest_memory::resident_bytes).
   result<std::uint64_t> resident_bytes() const;
 
   bool poisoned() const noexcept;

@@ -68,6 +68,8 @@ struct run_options {
   std::string backend = "auto";
   std::string memory = "16M";
   std::string stack = "256K";
+  std::string heap = "0";
+  std::vector<std::string> map_files; // PATH or PATH=NAME
   bool stats = false;
 };
 
@@ -87,6 +89,20 @@ int cmd_run(const run_options& o) {
   }
   cfg.memory_size = *mem;
   cfg.stack_size = *stack;
+  auto heap = parse_size(o.heap);
+  if (!heap) {
+    fmt::print(stderr, "kiln: bad size '{}' (use e.g. 16M, 1G)\n", o.heap);
+    return 2;
+  }
+  cfg.heap_size = *heap;
+  for (const auto& m : o.map_files) {
+    // PATH=NAME names the file for the guest; a plain PATH is found under its file name.
+    const auto eq = m.rfind('=');
+    kiln::file_mapping f;
+    f.path = eq == std::string::npos ? m : m.substr(0, eq);
+    if (eq != std::string::npos) f.name = m.substr(eq + 1);
+    cfg.files.push_back(std::move(f));
+  }
   std::vector<kiln::value> args;
   for (const auto& a : o.args) {
     auto v = kiln::parse_value(a);
@@ -123,6 +139,20 @@ int cmd_run(const run_options& o) {
         kiln::vcpu::to_string((*sb)->backend()), s.create_time.count() / 1e3,
         s.last_call_time.count() / 1e3, s.exits, s.exits_io, s.exits_other, s.host_calls,
         s.vcpu.runs, s.vcpu.map_calls);
+    const auto& m = s.memory;
+    fmt::print(stderr,
+               "memory after create: {} host syscalls, {} backend calls, {} page-table edits\n"
+               "protect requests: {} ({} changed nothing and cost nothing, {} refused)\n"
+               "protection ranges: {}, page-table pages: {}\n"
+               "hand-backs: {} ({} bytes discarded)\nfiles mapped: {}, unmapped: {}\n",
+               m.host_syscalls, m.backend_calls, m.page_table_edits, m.protect_requests,
+               m.protect_noops, m.protect_refused, m.protection_ranges, m.page_tables,
+               m.release_requests, m.released_bytes, m.files_mapped, m.files_unmapped);
+    if (auto rss = (*sb)->resident_bytes())
+      fmt::print(stderr, "guest RAM resident: {} KiB\n", *rss / 1024);
+    for (const auto& f : (*sb)->mapped_files())
+      fmt::print(stderr, "file '{}': {} bytes at guest {:#x} ({})\n", f.name, f.size,
+                 f.guest_address, f.path);
   }
   return rc;
 }
@@ -144,7 +174,10 @@ int main(int argc, char** argv) {
                   "auto, kvm or emulated (default auto; KILN_BACKEND too)");
   run->add_option("--memory", ro.memory, "Guest memory size (default 16M)");
   run->add_option("--stack", ro.stack, "Guest stack size (default 256K)");
-  run->add_flag("--stats", ro.stats, "Print create time, call time and exits to stderr");
+  run->add_option("--heap", ro.heap, "Guest heap size (default 0: all memory left)");
+  run->add_option("--map-file", ro.map_files,
+                  "Map a host file read-only into the guest: PATH or PATH=NAME (repeatable)");
+  run->add_flag("--stats", ro.stats, "Print create time, call time, exits and memory counters to stderr");
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {

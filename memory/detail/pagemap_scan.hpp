@@ -1,0 +1,47 @@
+// The PAGEMAP_SCAN ioctl of /proc/self/pagemap (Linux 6.7+), declared here when the installed
+// kernel headers predate it (Debian 12 ships 6.1 headers). Layout from linux/fs.h.
+#pragma once
+
+#include <linux/fs.h>
+#include <sys/ioctl.h>
+
+#include <cstdint>
+
+namespace kiln::memory::detail {
+
+#ifndef PAGEMAP_SCAN
+inline constexpr std::uint64_t page_is_present = 1u << 3;
+inline constexpr std::uint64_t page_is_pfnzero = 1u << 5;
+
+struct page_region {
+  std::uint64_t start;
+  std::uint64_t end;
+  std::uint64_t categories;
+};
+
+struct pm_scan_arg {
+  std::uint64_t size;
+  std::uint64_t flags;
+  std::uint64_t start;
+  std::uint64_t end;
+  std::uint64_t walk_end;
+  std::uint64_t vec;
+  std::uint64_t vec_len;
+  std::uint64_t max_pages;
+  std::uint64_t category_inverted;
+  std::uint64_t category_mask;
+  std::uint64_t category_anyof_mask;
+  std::uint64_t return_mask;
+};
+static_assert(sizeof(pm_scan_arg) == 96, "struct pm_scan_arg");
+
+inline const unsigned long pagemap_scan_request = _IOWR('f', 16, pm_scan_arg);
+#else
+inline constexpr std::uint64_t page_is_present = PAGE_IS_PRESENT;
+inline constexpr std::uint64_t page_is_pfnzero = PAGE_IS_PFNZERO;
+using page_region = ::page_region;
+using pm_scan_arg = ::pm_scan_arg;
+inline const unsigned long pagemap_scan_request = PAGEMAP_SCAN;
+#endif
+
+} // namespace kiln::memory::detail
