@@ -133,6 +133,9 @@ const char* kiln_memory_status_name(int status);
  * many bytes that are not already handed back; only when the host sets KILN_FEATURE_MEMORY_OPS
  * and the heap region ends on a page boundary. */
 #define KILN_RELEASE_MIN (256u * 1024u)
+/* Switches the allocator's hand-back on or off (on by default where the host allows it; off
+ * trades resident memory for fewer exits). Returns the previous setting. */
+bool kiln_heap_set_hand_back(bool on);
 
 /* ---- host files mapped read-only into the guest (KILN_FEATURE_FILE_TABLE) ----
  * The host may change the file table between calls, so these read it afresh every time, and a

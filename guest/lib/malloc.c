@@ -76,7 +76,8 @@ static struct {
   uint64_t free_blocks;
   uint64_t released_bytes;
   uint64_t release_calls;
-  bool hand_back; /* the host serves KILN_MEMORY_RELEASE and the region ends on a page */
+  bool hand_back;     /* hand free ranges back now (can_hand_back, and not switched off) */
+  bool can_hand_back; /* the host serves KILN_MEMORY_RELEASE and the region ends on a page */
   uint64_t fl_map;
   uint32_t sl_map[FL_COUNT];
   struct chunk* lists[FL_COUNT][SL_COUNT];
@@ -331,6 +332,13 @@ void kiln_heap_init(uint64_t start, uint64_t size, bool may_hand_back) {
   heap.region_size = size;
   /* top's hand-back covers the page holding high_water, which must be wholly the heap's. */
   heap.hand_back = may_hand_back && ((start + size) & (PAGE - 1)) == 0;
+  heap.can_hand_back = heap.hand_back;
+}
+
+bool kiln_heap_set_hand_back(bool on) {
+  bool was = heap.hand_back;
+  heap.hand_back = on && heap.can_hand_back;
+  return was;
 }
 
 /* A free-list chunk of at least `size` bytes, now in use (not trimmed), or NULL; *clean gets

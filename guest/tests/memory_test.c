@@ -171,6 +171,30 @@ FN(alloc_free) {
   return KILN_STATUS_OK;
 }
 
+FN(set_hand_back) {
+  (void)n;
+  r->b = kiln_heap_set_hand_back(a[0].b);
+  return KILN_STATUS_OK;
+}
+
+/* Copies mapped file `name` into a fresh heap block, one 8-byte store per word (the private
+ * copy a guest would need without mapped files); returns the block's address, 0 on failure. */
+FN(copy_file) {
+  (void)n;
+  struct kiln_file f;
+  if (!kiln_file_find_n(a[0].buf.data, a[0].buf.len, &f)) return fail("copy_file: no such file");
+  uint64_t* dst = malloc((size_t)f.size + 8);
+  if (!dst) return fail("copy_file: heap exhausted");
+  const uint8_t* src = f.data;
+  for (uint64_t i = 0; i < f.size / 8; ++i) {
+    uint64_t w;
+    __builtin_memcpy(&w, src + i * 8, 8);
+    dst[i] = w;
+  }
+  r->u64 = (uint64_t)(uintptr_t)dst;
+  return KILN_STATUS_OK;
+}
+
 static char* append(char* out, const char* s) {
   while (*s)
     *out++ = *s++;
@@ -502,6 +526,8 @@ void kiln_guest_init(void) {
       {"alloc", alloc, U64, 1, {U64}},
       {"dealloc", dealloc, V, 1, {U64}},
       {"alloc_free", alloc_free, U64, 2, {U64, I32}},
+      {"set_hand_back", set_hand_back, BOOL, 1, {BOOL}},
+      {"copy_file", copy_file, U64, 1, {STR}},
       {"heap_stats", heap_stats, STR, 0, {V}},
       {"heap_released", heap_released, U64, 0, {V}},
       {"heap_release_calls", heap_release_calls, U64, 0, {V}},
