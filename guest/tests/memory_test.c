@@ -171,6 +171,21 @@ FN(alloc_free) {
   return KILN_STATUS_OK;
 }
 
+/* Protects `pages` pages of spare heap read-only in one request, then asks for the same again
+ * page by page (requests that change nothing); returns the first non-OK status or 0. For
+ * `kiln run memory_test.elf protect_twice 64 --stats`. */
+FN(protect_twice) {
+  (void)n;
+  const struct kiln_boot_info* bi = kiln_boot_info();
+  uint64_t pages = a[0].i32 > 0 ? (uint64_t)a[0].i32 : 0;
+  uint64_t base = (bi->heap_start + bi->heap_size / 2) & ~(uint64_t)(PAGE - 1);
+  int st = kiln_protect((void*)(uintptr_t)base, pages * PAGE, KILN_PROT_READ);
+  for (uint64_t i = 0; i < pages && st == KILN_MEMORY_OK; ++i)
+    st = kiln_protect((void*)(uintptr_t)(base + i * PAGE), PAGE, KILN_PROT_READ);
+  r->i32 = st;
+  return KILN_STATUS_OK;
+}
+
 FN(set_hand_back) {
   (void)n;
   r->b = kiln_heap_set_hand_back(a[0].b);
@@ -527,6 +542,7 @@ void kiln_guest_init(void) {
       {"dealloc", dealloc, V, 1, {U64}},
       {"alloc_free", alloc_free, U64, 2, {U64, I32}},
       {"set_hand_back", set_hand_back, BOOL, 1, {BOOL}},
+      {"protect_twice", protect_twice, I32, 1, {I32}},
       {"copy_file", copy_file, U64, 1, {STR}},
       {"heap_stats", heap_stats, STR, 0, {V}},
       {"heap_released", heap_released, U64, 0, {V}},

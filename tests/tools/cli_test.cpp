@@ -5,6 +5,9 @@
 #include <cstdio>
 #include <string>
 #include <sys/wait.h>
+#include <unistd.h>
+
+#include <cstdlib>
 
 namespace {
 
@@ -53,6 +56,35 @@ TEST(cli, stats_are_printed) {
   EXPECT_EQ(o.status, 0);
   EXPECT_NE(o.out.find("create:"), std::string::npos);
   EXPECT_NE(o.out.find("exits:"), std::string::npos);
+}
+
+TEST(cli, stats_show_redundant_protection_requests_cost_no_syscalls) {
+  const std::string guest = std::string(KILN_GUEST_DIR) + "/memory_test.elf";
+  auto o = run("run " + guest + " protect_twice 64 --stats" + emu);
+  EXPECT_EQ(o.status, 0) << o.out;
+  EXPECT_EQ(o.out.rfind("0\n", 0), 0u) << o.out; // KILN_MEMORY_OK
+  // One real change (one mprotect), then 64 requests that cost nothing.
+  EXPECT_NE(o.out.find("memory after create: 1 host syscalls"), std::string::npos) << o.out;
+  EXPECT_NE(o.out.find("protect requests: 65 (64 changed nothing"), std::string::npos) << o.out;
+}
+
+TEST(cli, map_file_makes_a_host_file_visible_by_name) {
+  const std::string guest = std::string(KILN_GUEST_DIR) + "/memory_test.elf";
+  char path[] = "/tmp/kiln-cli-map-XXXXXX";
+  const int fd = ::mkstemp(path);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::write(fd, "\x01\x02\x03", 3), 3);
+  ::close(fd);
+  auto o = run("run " + guest + " file_sum str:data --map-file " + path + "=data" + emu);
+  EXPECT_EQ(o.status, 0) << o.out;
+  EXPECT_EQ(o.out, "6\n");
+  auto stats = run("run " + guest + " file_size str:data --map-file " + path + "=data --stats" +
+                   emu);
+  EXPECT_NE(stats.out.find("file 'data': 3 bytes at guest 0x"), std::string::npos) << stats.out;
+  auto missing = run("run " + guest + " file_size str:data --map-file /nonexistent/x" + emu);
+  EXPECT_EQ(missing.status, 1);
+  EXPECT_NE(missing.out.find("No such file or directory"), std::string::npos) << missing.out;
+  ::unlink(path);
 }
 
 TEST(cli, bad_input_gets_a_message_not_a_crash) {
