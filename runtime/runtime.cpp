@@ -16,6 +16,7 @@
 #include <algorithm>
 #include <atomic>
 #include <deque>
+#include <functional>
 #include <mutex>
 #include <thread>
 
@@ -66,6 +67,9 @@ struct call_op {
   explicit call_op(call_handler h) : handler(std::move(h)) {}
   std::string name;
   std::vector<value> args;
+  /// Set for a sandbox operation other than a guest call (map a file...): run on the worker in
+  /// queue order, between guest calls, instead of begin_call().
+  std::function<result<value>(sandbox&)> action;
   call_handler handler;             // (W) until completion
   asio::any_completion_executor ex; // the handler's executor, with outstanding work tracked
   asio::cancellation_slot slot;
@@ -236,6 +240,14 @@ void sandbox_core::pump() {
              r == deadline ? error_code(std::error_code(errc::deadline_exceeded))
                            : error_code(asio::error::operation_aborted),
              value{}, nullptr);
+      continue;
+    }
+    if (op->action) {
+      auto r = op->action(*sb);
+      if (r)
+        finish(op, error_code{}, std::move(*r), nullptr);
+      else
+        finish(op, to_error_code(r.err()), value{}, &r.err());
       continue;
     }
     if (auto b = sb->begin_call(op->name, op->args); !b) {
@@ -475,7 +487,8 @@ void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config
 }
 
 void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
-                std::vector<value> args, call_options options, call_handler handler) {
+                std::vector<value> args, call_options options, call_handler handler,
+                std::function<result<value>(sandbox&)> action) {
   auto slot = asio::get_associated_cancellation_slot(handler);
   asio::any_completion_executor ex =
       core ? asio::prefer(asio::get_associated_executor(handler, core->executor()),
@@ -485,6 +498,7 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
   auto op = std::make_shared<call_op>(std::move(handler));
   op->name = std::move(name);
   op->args = std::move(args);
+  op->action = std::move(action);
   op->slot = slot;
   op->ex = std::move(ex);
   if (!core) {

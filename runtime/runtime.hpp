@@ -24,6 +24,7 @@
 
 #include <chrono>
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
 #include <vector>
@@ -65,7 +66,8 @@ class async_sandbox;
 namespace detail {
 using create_handler = boost::asio::any_completion_handler<void(error_code, async_sandbox)>;
 void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
-                std::vector<value> args, call_options options, call_handler handler);
+                std::vector<value> args, call_options options, call_handler handler,
+                std::function<result<value>(sandbox&)> action = {});
 void start_destroy(const std::shared_ptr<sandbox_core>& core, destroy_handler handler);
 void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
                   host_functions functions, create_handler handler);
@@ -107,6 +109,37 @@ public:
   template <class Token>
   auto async_call(std::string name, std::vector<value> args, Token&& token) const {
     return async_call(std::move(name), std::move(args), call_options{}, std::forward<Token>(token));
+  }
+
+  /// Maps a host file read-only into the sandbox (as sandbox::map_file), on its worker and in
+  /// order with the calls queued before it, so the guest sees it from the next call on.
+  /// Completion: void(error_code, kiln::value) with the guest address (u64). Errors as
+  /// sandbox::map_file, plus those of async_call for a queue that is full or a sandbox that is
+  /// gone. Cancellation before it runs completes it with operation_aborted.
+  template <class Token> auto async_map_file(file_mapping file, Token&& token) const {
+    return boost::asio::async_initiate<Token, void(error_code, value)>(
+        [core = core_](auto handler, file_mapping f) {
+          detail::start_call(core, "map_file", {}, {}, detail::call_handler(std::move(handler)),
+                             [f = std::move(f)](sandbox& sb) -> result<value> {
+                               KILN_TRY_ASSIGN(auto info, sb.map_file(f));
+                               return value{info.guest_address};
+                             });
+        },
+        token, std::move(file));
+  }
+
+  /// Unmaps the file mapped under `name`, in order with the calls queued before it.
+  /// Completion: void(error_code, kiln::value) (VOID).
+  template <class Token> auto async_unmap_file(std::string name, Token&& token) const {
+    return boost::asio::async_initiate<Token, void(error_code, value)>(
+        [core = core_](auto handler, std::string n) {
+          detail::start_call(core, "unmap_file", {}, {}, detail::call_handler(std::move(handler)),
+                             [n = std::move(n)](sandbox& sb) -> result<value> {
+                               KILN_TRY(sb.unmap_file(n));
+                               return value{};
+                             });
+        },
+        token, std::move(name));
   }
 
   /// Destroys the sandbox on its worker after the calls already queued have completed (they

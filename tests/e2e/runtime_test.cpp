@@ -2,6 +2,7 @@
 // cancellation, time slicing, queue limits and graceful stop.
 #include "backend_fixture.hpp"
 
+#include <kiln/memory/memory_errc.hpp>
 #include <kiln/runtime/runtime.hpp>
 
 #include <boost/asio/bind_cancellation_slot.hpp>
@@ -13,6 +14,8 @@
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
 #include <boost/asio/use_future.hpp>
+
+#include <unistd.h>
 
 #include <chrono>
 #include <filesystem>
@@ -46,6 +49,39 @@ TEST_F(runtime_test, future_style) {
   ASSERT_TRUE(sb);
   auto v = sb.async_call("add_i32", {2, 3}, asio::use_future).get();
   EXPECT_EQ(std::get<std::int32_t>(v), 5);
+}
+
+TEST_F(runtime_test, files_are_mapped_and_unmapped_in_order_with_calls) {
+  const auto dir = std::filesystem::temp_directory_path() /
+                   ("kiln-runtime-map-" + std::to_string(::getpid()));
+  std::filesystem::create_directories(dir);
+  const auto path = (dir / "data").string();
+  std::ofstream(path, std::ios::binary).write("\x05\x06\x07", 3);
+  runtime rt(runtime_options{.workers = 2});
+  auto sb = create(rt, "memory_test");
+  ASSERT_TRUE(sb);
+  // Queued together: the map runs after the first call and before the second.
+  auto before = sb.async_call("file_size", {value{std::string("data")}}, asio::use_future);
+  auto mapped = sb.async_map_file({path, "data", 0}, asio::use_future);
+  auto sum = sb.async_call("file_sum", {value{std::string("data")}}, asio::use_future);
+  EXPECT_EQ(std::get<std::int64_t>(before.get()), -1);
+  EXPECT_NE(std::get<std::uint64_t>(mapped.get()), 0u);
+  EXPECT_EQ(std::get<std::uint64_t>(sum.get()), 18u);
+  EXPECT_EQ(sb.stats().memory.files_mapped, 1u);
+  // Errors come back typed; the sandbox is unharmed.
+  auto again = sb.async_map_file({path, "data", 0}, asio::use_future);
+  try {
+    again.get();
+    ADD_FAILURE() << "a duplicate name was accepted";
+  } catch (const boost::system::system_error& e) {
+    EXPECT_EQ(e.code(), std::error_code(memory::memory_errc::file_name_invalid));
+  }
+  sb.async_unmap_file("data", asio::use_future).get();
+  EXPECT_EQ(std::get<std::int64_t>(
+                sb.async_call("file_size", {value{std::string("data")}}, asio::use_future).get()),
+            -1);
+  EXPECT_FALSE(sb.poisoned());
+  std::filesystem::remove_all(dir);
 }
 
 TEST_F(runtime_test, future_style_reports_errors_as_system_error) {
