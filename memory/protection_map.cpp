@@ -31,19 +31,20 @@ bool protection_map::covered(std::uint64_t start, std::uint64_t end) const {
   return true;
 }
 
+void protection_map::split_at(map_t& m, std::uint64_t at) {
+  auto it = m.upper_bound(at);
+  if (it == m.begin()) return;
+  --it;
+  if (it->first < at && it->second.end > at) {
+    m.emplace(at, range{it->second.end, it->second.prot});
+    it->second.end = at;
+  }
+}
+
 void protection_map::assign(map_t& m, std::uint64_t start, std::uint64_t end, protection p) {
   // Split the ranges that straddle either end, so [start, end) is made of whole ranges.
-  auto split = [&m](std::uint64_t at) {
-    auto it = m.upper_bound(at);
-    if (it == m.begin()) return;
-    --it;
-    if (it->first < at && it->second.end > at) {
-      m.emplace(at, range{it->second.end, it->second.prot});
-      it->second.end = at;
-    }
-  };
-  split(start);
-  split(end);
+  split_at(m, start);
+  split_at(m, end);
   m.erase(m.lower_bound(start), m.lower_bound(end));
   auto it = m.emplace(start, range{end, p}).first;
   // Merge with equal neighbours that touch.
@@ -78,17 +79,8 @@ result<void> protection_map::remove(guest_phys_addr start, std::uint64_t size) {
   if (!covered(start.value, end))
     return error(memory_errc::out_of_bounds, "removing pages with no recorded protection");
   // Split at both ends (no merging), then erase the whole ranges in between.
-  auto split = [this](std::uint64_t at) {
-    auto it = ranges_.upper_bound(at);
-    if (it == ranges_.begin()) return;
-    --it;
-    if (it->first < at && it->second.end > at) {
-      ranges_.emplace(at, range{it->second.end, it->second.prot});
-      it->second.end = at;
-    }
-  };
-  split(start.value);
-  split(end);
+  split_at(ranges_, start.value);
+  split_at(ranges_, end);
   ranges_.erase(ranges_.lower_bound(start.value), ranges_.lower_bound(end));
   return {};
 }

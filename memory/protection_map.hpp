@@ -68,6 +68,8 @@ private:
   /// Ranges after setting [start, end) to p in a copy of `m`, merged; used to check the cap
   /// before committing.
   static void assign(map_t& m, std::uint64_t start, std::uint64_t end, protection p);
+  /// Splits the range straddling `at` (if any) in two at `at`.
+  static void split_at(map_t& m, std::uint64_t at);
 
   map_t ranges_;
   std::size_t max_ranges_;

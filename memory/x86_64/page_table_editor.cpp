@@ -1,5 +1,6 @@
 // page_table_editor: splits 2 MiB leaves on demand, folds uniform tables back, writes only changes.
 #include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/x86_64/page_table_bits.hpp>
 #include <kiln/memory/x86_64/page_table_editor.hpp>
 
 #include <algorithm>
@@ -8,12 +9,13 @@
 namespace kiln::memory::x86_64 {
 namespace {
 
-constexpr std::uint64_t pte_present = 1ull << 0, pte_write = 1ull << 1, pte_accessed = 1ull << 5,
-                        pte_dirty = 1ull << 6, pte_large = 1ull << 7, pte_nx = 1ull << 63;
-constexpr std::uint64_t entries_per_table = 512;
-constexpr std::uint64_t gib = 1ull << 30;
-constexpr std::uint64_t addr_mask = 0x000f'ffff'ffff'f000ull;
-constexpr std::uint64_t upper_bits = pte_present | pte_write | pte_accessed; // as the builder
+constexpr std::uint64_t pte_present = pte::present, pte_write = pte::write,
+                        pte_accessed = pte::accessed, pte_dirty = pte::dirty, pte_large = pte::large,
+                        pte_nx = pte::nx;
+using pte::entries_per_table;
+using pte::gib;
+using pte::addr_mask;
+constexpr std::uint64_t upper_bits = pte::upper; // as the builder
 
 bool is_table_pointer(std::uint64_t pde) {
   return (pde & pte_present) && !(pde & pte_large);

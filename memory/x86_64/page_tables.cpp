@@ -1,5 +1,6 @@
 // Identity page tables: 2 MiB leaves where one region covers a whole 2 MiB chunk, else 4 KiB.
 #include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/x86_64/page_table_bits.hpp>
 #include <kiln/memory/x86_64/page_tables.hpp>
 
 #include <algorithm>
@@ -7,10 +8,11 @@
 namespace kiln::memory::x86_64 {
 namespace {
 
-constexpr std::uint64_t pte_present = 1ull << 0, pte_write = 1ull << 1, pte_accessed = 1ull << 5,
-                        pte_dirty = 1ull << 6, pte_large = 1ull << 7, pte_nx = 1ull << 63;
-constexpr std::uint64_t entries_per_table = 512;
-constexpr std::uint64_t gib = 1ull << 30;
+constexpr std::uint64_t pte_present = pte::present, pte_write = pte::write,
+                        pte_accessed = pte::accessed, pte_dirty = pte::dirty, pte_large = pte::large,
+                        pte_nx = pte::nx;
+using pte::entries_per_table;
+using pte::gib;
 
 std::uint64_t leaf_bits(const region& r, bool use_nx) {
   // Accessed and dirty are preset: the CPU would otherwise write them into tables that live in
@@ -40,7 +42,7 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
   const std::uint64_t fixed_tables = 2 + pd_count;
   img.entries.assign(fixed_tables * entries_per_table, 0);
   auto table_addr = [&](std::uint64_t index) { return base.value + index * page_size; };
-  const std::uint64_t upper = pte_present | pte_write | pte_accessed;
+  const std::uint64_t upper = pte::upper;
   img.entries[0] = table_addr(1) | upper; // PML4[0] -> PDPT
   for (std::uint64_t g = 0; g < pd_count; ++g)
     img.entries[entries_per_table + g] = table_addr(2 + g) | upper; // PDPT[g] -> PD g
