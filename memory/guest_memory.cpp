@@ -136,54 +136,63 @@ result<void> guest_memory::unmap_file(guest_phys_addr a, std::uint64_t len) {
 result<std::uint64_t> guest_memory::resident_bytes(guest_phys_addr a, std::uint64_t len) const {
   const bool room = a.value >= size();
   KILN_TRY_ASSIGN(auto* host, host_range(a, len, room));
-  unique_fd fd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
-  if (!fd) return errno_error("open /proc/self/pagemap");
   const auto lo = reinterpret_cast<std::uintptr_t>(host);
-  const std::uint64_t hi = lo + len;
-
-  // Not mincore: a page the guest only read after a discard maps the kernel's shared zero page,
-  // which mincore (and, on recent kernels, pagemap's "exclusive" bit) reports as resident
-  // although it costs nothing. PAGEMAP_SCAN can tell it apart: count present pages that are
-  // not the zero page.
+  // RAM mapped from an image: only the private copies are this guest's own; the image's pages
+  // it reads are shared page cache.
+  const auto filter = !room && image_ ? detail::page_filter::private_ : detail::page_filter::resident;
+  KILN_TRY_ASSIGN(auto ranges, detail::scan_pages(lo, lo + len, filter));
   std::uint64_t bytes = 0;
-  detail::page_region regions[64];
-  detail::pm_scan_arg arg{};
-  arg.size = sizeof arg;
-  arg.start = lo;
-  arg.end = hi;
-  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
-  arg.vec_len = std::size(regions);
-  arg.category_mask = detail::page_is_present | detail::page_is_pfnzero;
-  arg.category_inverted = detail::page_is_pfnzero;
-  arg.return_mask = detail::page_is_present;
-  for (;;) {
-    const int n = ::ioctl(fd.get(), detail::pagemap_scan_request, &arg);
-    if (n < 0) break; // no PAGEMAP_SCAN (before Linux 6.7): the pagemap read below
-    for (int i = 0; i < n; ++i)
-      bytes += regions[i].end - regions[i].start;
-    if (arg.walk_end >= hi) return bytes;
-    arg.start = arg.walk_end;
-  }
+  for (const auto& [b, e] : ranges)
+    bytes += e - b;
+  return bytes;
+}
 
-  // Fallback: present and exclusively mapped pages (bit 56), which leaves the zero page out on
-  // kernels before 6.7.
-  constexpr std::uint64_t present = 1ull << 63, exclusive = 1ull << 56;
-  std::vector<std::uint64_t> entries(4096);
-  std::uint64_t pages = 0;
-  const std::uint64_t first = lo / page_size;
-  for (std::uint64_t done = 0, total = len / page_size; done < total;) {
-    const std::uint64_t n = std::min<std::uint64_t>(entries.size(), total - done);
-    const auto want = static_cast<ssize_t>(n * sizeof(std::uint64_t));
-    const ssize_t got = ::pread(fd.get(), entries.data(), static_cast<std::size_t>(want),
-                                static_cast<off_t>((first + done) * sizeof(std::uint64_t)));
-    if (got != want)
-      return got < 0 ? errno_error("read /proc/self/pagemap")
-                     : error(memory_errc::out_of_bounds, "short pagemap read");
-    for (std::uint64_t i = 0; i < n; ++i)
-      pages += (entries[i] & (present | exclusive)) == (present | exclusive);
-    done += n;
+result<void> guest_memory::back_with(std::shared_ptr<const snapshot_image> img) {
+  if (!img || img->size() != size())
+    return error(memory_errc::bad_size, "snapshot image size differs from guest RAM");
+  ++host_syscalls_;
+  // SAFETY: MAP_FIXED replaces exactly the RAM part of this reservation.
+  void* p = ::mmap(mapping_.data(), size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+                   img->fd(), 0);
+  if (p == MAP_FAILED) return errno_error("mmap snapshot image as guest RAM");
+  (void)::madvise(mapping_.data(), size(), MADV_NOHUGEPAGE); // as host_mapping does
+  image_ = std::move(img);
+  return {};
+}
+
+result<std::vector<byte_range>> guest_memory::dirty_ranges() const {
+  const auto lo = reinterpret_cast<std::uintptr_t>(mapping_.data());
+  KILN_TRY_ASSIGN(auto ranges,
+                  detail::scan_pages(lo, lo + size(),
+                                     image_ ? detail::page_filter::private_
+                                            : detail::page_filter::resident));
+  std::vector<byte_range> out;
+  out.reserve(ranges.size());
+  for (const auto& [b, e] : ranges)
+    out.emplace_back(b - lo, e - lo);
+  return out;
+}
+
+result<void> guest_memory::revert(guest_phys_addr a, std::uint64_t len, bool copy) {
+  if (!image_) return error(memory_errc::out_of_bounds, "guest RAM has no snapshot image");
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
+  ++host_syscalls_;
+  if (!copy) {
+    // SAFETY: for a MAP_PRIVATE file mapping, MADV_DONTNEED drops the private copies; the next
+    // access maps the image's page again.
+    if (::madvise(host, len, MADV_DONTNEED) != 0) return errno_error("madvise(DONTNEED) revert");
+    return {};
   }
-  return pages * page_size;
+  // SAFETY: [host, host+len) is RAM of this mapping and host-writable (the caller's contract).
+  for (std::uint64_t done = 0; done < len;) {
+    const ssize_t n = ::pread(image_->fd(), host + done, len - done,
+                              static_cast<off_t>(a.value + done));
+    if (n < 0 && errno == EINTR) continue;
+    if (n <= 0) return n < 0 ? errno_error("pread snapshot image")
+                             : error(memory_errc::out_of_bounds, "snapshot image ends early");
+    done += static_cast<std::uint64_t>(n);
+  }
+  return {};
 }
 
 const region* guest_memory::find(guest_phys_addr a) const noexcept {

@@ -4,11 +4,13 @@
 #include <kiln/memory/address.hpp>
 #include <kiln/memory/host_mapping.hpp>
 #include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/snapshot_image.hpp>
 #include <kiln/support/result.hpp>
 
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <memory>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -115,10 +117,28 @@ public:
   result<void> map_file(guest_phys_addr a, std::uint64_t len, int fd);
   /// Returns [a, a+len) of the file room to inaccessible reserved memory.
   result<void> unmap_file(guest_phys_addr a, std::uint64_t len);
-  /// Bytes of [a, a+len) that hold host memory: present pages other than the kernel's shared
-  /// zero page (PAGEMAP_SCAN on Linux 6.7+, else pagemap's present-and-exclusive bits). Not
-  /// counted as a change.
+  /// Bytes of [a, a+len) that hold host memory of this guest's own: present pages other than
+  /// the kernel's shared zero page, and for RAM mapped from a snapshot image only the private
+  /// (written) copies, not the image's shared pages (PAGEMAP_SCAN on Linux 6.7+, else
+  /// /proc/self/pagemap). Not counted as a change.
   result<std::uint64_t> resident_bytes(guest_phys_addr a, std::uint64_t len) const;
+  // ---- Snapshot images ---------------------------------------------------------------------
+
+  /// Makes RAM a private (copy-on-write) mapping of `img` (MAP_FIXED over the current RAM, one
+  /// mmap): the guest sees the image's bytes, its writes stay private. Host protections of RAM
+  /// go back to read-write; the caller re-applies any narrower ones.
+  result<void> back_with(std::shared_ptr<const snapshot_image> img);
+  /// The image RAM is a private mapping of, or null for plain anonymous RAM.
+  const std::shared_ptr<const snapshot_image>& image() const noexcept { return image_; }
+  /// RAM ranges holding pages written since RAM was last backed by its image (present pages
+  /// that are no longer the image's); without an image, all present pages. PAGEMAP_SCAN on
+  /// Linux 6.7+ (cost proportional to the pages mapped), /proc/self/pagemap otherwise.
+  result<std::vector<byte_range>> dirty_ranges() const;
+  /// Brings [a, a+len) of RAM back to the image's bytes: by copying them in (`copy`, the pages
+  /// stay resident) or by dropping the private pages (MADV_DONTNEED; the next touch maps the
+  /// image's page). Requires an image; the range must be host-writable for `copy`.
+  result<void> revert(guest_phys_addr a, std::uint64_t len, bool copy);
+
   /// Syscalls issued by the functions above.
   std::uint64_t host_syscalls() const noexcept { return host_syscalls_; }
 
@@ -145,6 +165,7 @@ private:
   host_mapping mapping_;
   std::vector<region> regions_; // sorted by start
   std::uint64_t host_syscalls_ = 0;
+  std::shared_ptr<const snapshot_image> image_;
 };
 
 } // namespace kiln::memory

@@ -137,6 +137,14 @@ bool protection_map::all(guest_phys_addr start, std::uint64_t size, protection p
   return true;
 }
 
+std::vector<protection_change> protection_map::list() const {
+  std::vector<protection_change> out;
+  out.reserve(ranges_.size());
+  for (const auto& [start, r] : ranges_)
+    out.push_back({guest_phys_addr{start}, r.end - start, r.prot, r.prot});
+  return out;
+}
+
 protection protection_map::at(guest_phys_addr a) const {
   auto it = ranges_.upper_bound(a.value);
   if (it == ranges_.begin()) return protection::none;

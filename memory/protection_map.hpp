@@ -55,6 +55,8 @@ public:
   protection at(guest_phys_addr a) const;
 
   std::size_t ranges() const noexcept { return ranges_.size(); }
+  /// Every recorded range, in address order (from == to == its protection).
+  std::vector<protection_change> list() const;
   std::size_t max_ranges() const noexcept { return max_ranges_; }
 
 private:

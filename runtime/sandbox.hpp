@@ -4,6 +4,7 @@
 #include <kiln/memory/layout.hpp>
 #include <kiln/runtime/errc.hpp>
 #include <kiln/runtime/host_function.hpp>
+#include <kiln/runtime/snapshot.hpp>
 #include <kiln/runtime/value.hpp>
 #include <kiln/support/result.hpp>
 #include <kiln/vcpu/vcpu.hpp>
@@ -93,6 +94,11 @@ struct sandbox_stats {
   std::uint64_t exits_other = 0; // faults, halts, cancellations...
   std::uint64_t log_lines = 0;
   std::uint64_t log_bytes_dropped = 0;
+  std::uint64_t snapshots = 0;
+  std::uint64_t restores = 0;
+  std::chrono::nanoseconds last_restore_time{};
+  std::uint64_t last_restore_pages = 0; // pages the last restore brought back
+  std::uint64_t last_restore_copied = 0; // ...of which by copying (the rest were dropped)
   memory_stats memory;
   vcpu::vcpu_stats vcpu;
 };
@@ -114,6 +120,30 @@ public:
 
   static result<std::unique_ptr<sandbox>> create(const sandbox_config& config,
                                                  host_functions functions = {});
+
+  /// Creates a sandbox from a snapshot: its memory is a copy-on-write mapping of the snapshot's
+  /// image and its vCPU starts in the captured state, so no guest code runs and restore() to
+  /// `snap` is legal at once. From `config` only the backend, the log sink and budget, the
+  /// protection cap and the bookkeeping switch apply; layout, files and guest come from the
+  /// snapshot. The snapshot's mapped files are opened again and must be unchanged (same inode,
+  /// size and modification time). The backend may differ from the one the snapshot was taken on.
+  static result<std::unique_ptr<sandbox>> create(const snapshot& snap,
+                                                 host_functions functions = {},
+                                                 const sandbox_config& config = {});
+
+  // ---- Snapshots -----------------------------------------------------------------------------
+
+  /// Captures the sandbox between calls. The I/O buffers are stored zeroed. Afterwards the
+  /// sandbox's memory is itself a copy-on-write mapping of the new image, so a restore to it
+  /// drops only what the guest dirties later. Errors: not_ready (a call is in progress or the
+  /// guest is parked), poisoned.
+  result<snapshot> take_snapshot();
+  /// Brings the sandbox back to `snap`: memory byte for byte, registers, protections, mapped
+  /// files; clears poison. For a snapshot this sandbox's memory already maps, the cost follows
+  /// the pages dirtied since, not the memory size. `snap` must have this sandbox's layout (same
+  /// memory, heap, stack and file room sizes). Errors: not_ready (a call in progress),
+  /// out_of_bounds (another layout), and the file errors of map_file for the snapshot's files.
+  result<void> restore(const snapshot& snap);
 
   /// Calls guest function `name` with `args`; returns its result. Errors: function_not_found,
   /// bad_arguments, guest_error, result_too_large (the sandbox stays usable); any poisoning
@@ -171,8 +201,9 @@ public:
   result<void> unmap_file(std::string_view name);
   std::vector<mapped_file_info> mapped_files() const;
 
-  /// Bytes of the guest's RAM that hold host memory now (present, private pages; see
-  /// memory::guest_memory::resident_bytes).
+  /// Bytes of the guest's RAM that hold host memory of its own now: pages it wrote or that were
+  /// loaded for it alone, not the pages it shares with other sandboxes through a snapshot image
+  /// (see memory::guest_memory::resident_bytes).
   result<std::uint64_t> resident_bytes() const;
 
   bool poisoned() const noexcept;

@@ -186,6 +186,39 @@ FN(protect_twice) {
   return KILN_STATUS_OK;
 }
 
+/* State that lives in guest memory (.data), for snapshot tests. */
+static int64_t counter = 0;
+FN(bump) {
+  UNUSED;
+  r->i64 = ++counter;
+  return KILN_STATUS_OK;
+}
+
+/* FNV-1a over the 8-byte words of [addr, addr+size) (loads are cheap under the emulator). */
+FN(hash_range) {
+  (void)n;
+  const uint64_t* p = (const uint64_t*)(uintptr_t)a[0].u64;
+  uint64_t h = 1469598103934665603ull;
+  for (uint64_t i = 0; i < a[1].u64 / 8; ++i) {
+    h ^= p[i];
+    h *= 1099511628211ull;
+  }
+  r->u64 = h;
+  return KILN_STATUS_OK;
+}
+
+/* Bytes of out_buf that are not zero (the host stores the I/O buffers zeroed in snapshots). */
+FN(out_buf_nonzero) {
+  UNUSED;
+  const struct kiln_boot_info* bi = kiln_boot_info();
+  const uint8_t* p = (const uint8_t*)(uintptr_t)bi->out_buf;
+  uint64_t count = 0;
+  for (uint64_t i = 0; i < bi->out_buf_size; ++i)
+    count += p[i] != 0;
+  r->u64 = count;
+  return KILN_STATUS_OK;
+}
+
 FN(set_hand_back) {
   (void)n;
   r->b = kiln_heap_set_hand_back(a[0].b);
@@ -542,6 +575,9 @@ void kiln_guest_init(void) {
       {"dealloc", dealloc, V, 1, {U64}},
       {"alloc_free", alloc_free, U64, 2, {U64, I32}},
       {"set_hand_back", set_hand_back, BOOL, 1, {BOOL}},
+      {"bump", bump, I64, 0, {V}},
+      {"hash_range", hash_range, U64, 2, {U64, U64}},
+      {"out_buf_nonzero", out_buf_nonzero, U64, 0, {V}},
       {"protect_twice", protect_twice, I32, 1, {I32}},
       {"copy_file", copy_file, U64, 1, {STR}},
       {"heap_stats", heap_stats, STR, 0, {V}},

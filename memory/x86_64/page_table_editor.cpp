@@ -34,6 +34,10 @@ page_table_editor::page_table_editor(guest_memory& mem, const page_table_image& 
   pd_count_ = pds;
 }
 
+page_table_editor::page_table_editor(guest_memory& mem, const state& s, bool use_nx)
+    : mem_(mem), root_(s.root), pd_count_(s.pd_count), used_tables_(s.used_tables),
+      max_tables_(s.max_tables), free_(s.free), nx_(use_nx) {}
+
 std::uint64_t page_table_editor::leaf_bits(protection p) const {
   if (p == protection::none) return 0;
   std::uint64_t e = pte_present | pte_accessed | pte_dirty;

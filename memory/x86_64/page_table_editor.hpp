@@ -31,6 +31,26 @@ public:
   page_table_editor(guest_memory& mem, const page_table_image& img, std::uint64_t max_bytes,
                     bool use_nx);
 
+  /// The editor's own bookkeeping (the tables themselves live in guest memory), for snapshots.
+  struct state {
+    guest_phys_addr root;
+    std::uint64_t pd_count = 0;
+    std::uint64_t used_tables = 0;
+    std::uint64_t max_tables = 0;
+    std::vector<std::uint64_t> free; // table pages folded back, for reuse
+  };
+  /// Takes over tables described by `s` (restored in `mem` with the rest of guest memory).
+  page_table_editor(guest_memory& mem, const state& s, bool use_nx);
+  state save() const { return {root_, pd_count_, used_tables_, max_tables_, free_}; }
+  /// Back to `s` (the tables in guest memory must be the ones `s` was saved with).
+  void restore(const state& s) {
+    root_ = s.root;
+    pd_count_ = s.pd_count;
+    used_tables_ = s.used_tables;
+    max_tables_ = s.max_tables;
+    free_ = s.free;
+  }
+
   /// Sets every page of [start, start+size) (page-aligned, below the address limit the tables
   /// were built for) to `p`. Returns the number of entries written. Errors: unaligned,
   /// out_of_bounds, too_many_ranges (no free table page for a split; nothing was changed).

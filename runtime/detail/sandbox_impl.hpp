@@ -44,6 +44,41 @@ struct mapped_file_slot {
   memory::file_fault_watch watch;
 };
 
+/// The host mapping's protection of a RAM page whose guest rights are `p` in region `r`: a page
+/// keeps the host's read-write until the guest first tightens it, then follows its rights (exec
+/// is the guest's business).
+inline memory::protection host_level(const memory::region& r, memory::protection p) {
+  if (p == r.prot || memory::has(p, memory::protection::write)) return memory::prot_rw;
+  if (memory::has(p, memory::protection::read)) return memory::prot_r;
+  return memory::protection::none;
+}
+
+/// A mapped file as a snapshot refers to it.
+struct snapshot_file {
+  std::string name;
+  memory::file_identity identity;
+  memory::guest_phys_addr addr;
+  std::uint64_t mapped_size = 0;
+};
+
+/// Everything a snapshot holds (kiln::snapshot shares it, immutable).
+struct snapshot_state {
+  std::uint64_t id = 0;
+  vcpu::backend_kind taken_on{};
+  bool nx = false; // the page tables carry NX bits (taken on KVM)
+  std::uint64_t memory_size = 0, file_room = 0, heap_size = 0, stack_size = 0;
+  std::string guest_path;
+  memory::layout layout;
+  std::vector<memory::region> regions; // RAM regions (files are in `files`)
+  std::shared_ptr<const memory::snapshot_image> image;
+  vcpu::registers regs;
+  vcpu::special_registers sregs;
+  vcpu::fpu_state fpu;
+  memory::protection_map prot;
+  memory::x86_64::page_table_editor::state tables;
+  std::vector<snapshot_file> files;
+};
+
 } // namespace kiln::detail
 
 namespace kiln {
@@ -110,6 +145,17 @@ struct sandbox::impl {
   std::optional<error> name_memory_fault(std::uint64_t addr, bool write, bool fetch,
                                          std::uint64_t rip) const;
   memory_stats memory_stats_now() const;
+
+  // sandbox_snapshot.cpp
+  std::shared_ptr<const detail::snapshot_state> base; // the snapshot RAM is a mapping of
+  result<snapshot> take_snapshot();
+  result<void> restore(const detail::snapshot_state& s);
+  /// Host and backend protections of RAM from `to`, given that they are now as in `from`
+  /// (host protections of every range that is not read-write are re-applied when `remapped`).
+  result<void> apply_protections(const memory::protection_map& from,
+                                 const memory::protection_map& to, bool remapped);
+  /// Makes the mapped files those of `s` (unmapping others, mapping missing ones unchanged).
+  result<void> sync_files(const detail::snapshot_state& s);
   result<void> write_in(std::span<const std::byte> bytes);
 
   void emit_log(std::string_view line) {
