@@ -133,7 +133,9 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
   }
   if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
     return errno_error("fcntl(F_ADD_SEALS) snapshot image");
-  return std::shared_ptr<const snapshot_image>(new snapshot_image(std::move(fd), size));
+  auto img = std::shared_ptr<snapshot_image>(new snapshot_image(std::move(fd), size));
+  KILN_TRY_ASSIGN(img->data_bytes_, img->scan_data_bytes());
+  return std::shared_ptr<const snapshot_image>(std::move(img));
 }
 
 result<std::uint64_t> snapshot_image::allocated_bytes() const {
@@ -142,7 +144,7 @@ result<std::uint64_t> snapshot_image::allocated_bytes() const {
   return static_cast<std::uint64_t>(st.st_blocks) * 512;
 }
 
-result<std::uint64_t> snapshot_image::data_bytes() const {
+result<std::uint64_t> snapshot_image::scan_data_bytes() const {
   std::uint64_t total = 0;
   off_t at = 0;
   while (static_cast<std::uint64_t>(at) < size_) {

@@ -39,13 +39,18 @@ public:
   std::uint64_t size() const noexcept { return size_; }
   /// Bytes the file really holds (its allocated blocks).
   result<std::uint64_t> allocated_bytes() const;
-  /// Bytes of data, not counting holes (sum of SEEK_DATA extents).
-  result<std::uint64_t> data_bytes() const;
+  /// Bytes of data the image was captured with, not counting holes (its SEEK_DATA extents at
+  /// capture). Later, a guest touching a hole through its mapping makes the kernel allocate a
+  /// (zero) page cache page there, shared by all sandboxes of this image; that is not counted.
+  std::uint64_t data_bytes() const noexcept { return data_bytes_; }
 
 private:
   snapshot_image(unique_fd fd, std::uint64_t size) : fd_(std::move(fd)), size_(size) {}
+  /// Sum of the file's SEEK_DATA extents now.
+  result<std::uint64_t> scan_data_bytes() const;
   unique_fd fd_;
   std::uint64_t size_ = 0;
+  std::uint64_t data_bytes_ = 0;
 };
 
 } // namespace kiln::memory

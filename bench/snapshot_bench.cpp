@@ -1,0 +1,127 @@
+// Benchmark: restore latency against pages dirtied and memory size, beside the baseline a
+// full-copy restore pays (a memcpy of the same memory, same run); snapshot time and size.
+//
+//   snapshot_bench [--runs N] [--max-mib M]
+#include <kiln/runtime/sandbox.hpp>
+
+#include <fmt/format.h>
+
+#include <sys/mman.h>
+
+#include <algorithm>
+#include <chrono>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <string>
+#include <vector>
+
+namespace {
+
+using clock_type = std::chrono::steady_clock;
+constexpr std::uint64_t page = 4096, mib = 1ull << 20;
+
+double median(std::vector<double> v) {
+  std::sort(v.begin(), v.end());
+  return v.empty() ? 0 : v[v.size() / 2];
+}
+
+template <class T> T call(kiln::sandbox& sb, std::string_view fn, auto... args) {
+  auto r = sb.call(fn, args...);
+  if (!r || !std::holds_alternative<T>(*r)) {
+    fmt::print(stderr, "{} failed: {}\n", fn, r ? kiln::to_string(*r) : r.err().message());
+    std::exit(1);
+  }
+  return std::get<T>(*r);
+}
+
+/// Median time of a memcpy of `bytes` between two pre-faulted buffers: what a restore that
+/// copies the whole memory back costs at least.
+double memcpy_us(std::uint64_t bytes, int runs) {
+  auto* src = static_cast<char*>(::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* dst = static_cast<char*>(::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
+                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  std::memset(src, 1, bytes);
+  std::memset(dst, 2, bytes);
+  std::vector<double> t;
+  for (int i = 0; i < runs; ++i) {
+    const auto t0 = clock_type::now();
+    std::memcpy(dst, src, bytes);
+    t.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - t0).count());
+  }
+  ::munmap(src, bytes);
+  ::munmap(dst, bytes);
+  return median(t);
+}
+
+void bench(kiln::vcpu::backend_kind kind, int runs, std::uint64_t max_mib) {
+  fmt::print("{:>8} {:>8} {:>14} {:>12} {:>18} {:>9}\n", "memory", "dirtied", "restore us",
+             "pages back", "memcpy baseline us", "ratio");
+  for (std::uint64_t mem_mib : {16ull, 64ull, 256ull, 1024ull}) {
+    if (mem_mib > max_mib) break;
+    kiln::sandbox_config c;
+    c.guest_path = std::string(KILN_GUEST_DIR) + "/memory_test.elf";
+    c.backend = kind == kiln::vcpu::backend_kind::kvm ? kiln::vcpu::backend_choice::kvm
+                                                      : kiln::vcpu::backend_choice::emulated;
+    c.memory_size = mem_mib * mib;
+    auto sb = kiln::sandbox::create(c);
+    if (!sb) {
+      fmt::print(stderr, "create failed: {}\n", sb.err().message());
+      std::exit(1);
+    }
+    kiln::sandbox& s = **sb;
+    const auto heap = call<std::uint64_t>(s, "heap_start");
+    const auto t0 = clock_type::now();
+    auto snap = s.take_snapshot();
+    const double snap_us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
+    if (!snap) {
+      fmt::print(stderr, "snapshot failed: {}\n", snap.err().message());
+      std::exit(1);
+    }
+    const double baseline = memcpy_us(c.memory_size, std::max(3, runs / 4));
+    for (std::uint64_t dirty : {1ull, 16ull, 256ull, 4096ull}) {
+      if (dirty * page > c.memory_size / 2) continue;
+      std::vector<double> t;
+      std::uint64_t back = 0;
+      for (int i = 0; i < runs; ++i) {
+        call<std::monostate>(s, "touch", heap, dirty * page, std::int64_t{i + 1});
+        const auto r0 = clock_type::now();
+        if (auto r = s.restore(*snap); !r) {
+          fmt::print(stderr, "restore failed: {}\n", r.err().message());
+          std::exit(1);
+        }
+        t.push_back(std::chrono::duration<double, std::micro>(clock_type::now() - r0).count());
+        back = s.stats().last_restore_pages;
+      }
+      const double us = median(t);
+      fmt::print("{:>5} MiB {:>8} {:>14.1f} {:>12} {:>18.1f} {:>8.4f}x\n", mem_mib, dirty, us, back,
+                 baseline, us / baseline);
+    }
+    auto stored = snap->stored_bytes();
+    fmt::print("{:>5} MiB snapshot taken in {:.0f} us; image stores {:.2f} MiB of data\n", mem_mib,
+               snap_us, stored ? static_cast<double>(*stored) / mib : -1.0);
+  }
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  int runs = 21;
+  std::uint64_t max_mib = 1024;
+  for (int i = 1; i + 1 < argc; i += 2) {
+    if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
+    if (!std::strcmp(argv[i], "--max-mib")) max_mib = std::strtoull(argv[i + 1], nullptr, 10);
+  }
+  if (runs < 1) return 2;
+  for (auto kind : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
+    const auto st = kiln::vcpu::probe(kind);
+    fmt::print("=== {} backend ===\n", kiln::vcpu::to_string(kind));
+    if (!st.usable) {
+      fmt::print("skipped: {}\n", st.reason);
+      continue;
+    }
+    bench(kind, runs, max_mib);
+  }
+  return 0;
+}
