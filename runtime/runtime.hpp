@@ -18,6 +18,10 @@
 #include <kiln/runtime/sandbox.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
+#include <boost/asio/associated_cancellation_slot.hpp>
+#include <boost/asio/associated_executor.hpp>
+#include <boost/asio/bind_cancellation_slot.hpp>
+#include <boost/asio/bind_executor.hpp>
 #include <boost/asio/async_result.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/system/error_code.hpp>
@@ -27,6 +31,7 @@
 #include <functional>
 #include <memory>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace kiln {
@@ -64,6 +69,23 @@ using destroy_handler = boost::asio::any_completion_handler<void(error_code)>;
 class async_sandbox;
 
 namespace detail {
+/// Adapts a handler of void(error_code, T) (or void(error_code) for T = void) to the queue's
+/// void(error_code, value), keeping its associated executor and cancellation slot; a T result
+/// is taken from `result`, which the queued action filled.
+template <class T, class Handler>
+auto forward_as(Handler handler, std::shared_ptr<T> result = nullptr) {
+  auto ex = boost::asio::get_associated_executor(handler);
+  auto slot = boost::asio::get_associated_cancellation_slot(handler);
+  return boost::asio::bind_cancellation_slot(
+      slot, boost::asio::bind_executor(
+                ex, [h = std::move(handler), result](error_code ec, value) mutable {
+                  if constexpr (std::is_void_v<T>)
+                    std::move(h)(ec);
+                  else
+                    std::move(h)(ec, ec ? T{} : std::move(*result));
+                }));
+}
+
 using create_handler = boost::asio::any_completion_handler<void(error_code, async_sandbox)>;
 void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
                 std::vector<value> args, call_options options, call_handler handler,
@@ -140,6 +162,38 @@ public:
                              });
         },
         token, std::move(name));
+  }
+
+  /// Captures the sandbox (sandbox::take_snapshot) on its worker, after the calls queued before
+  /// it. Completion: void(error_code, kiln::snapshot).
+  template <class Token> auto async_snapshot(Token&& token) const {
+    return boost::asio::async_initiate<Token, void(error_code, snapshot)>(
+        [core = core_](auto handler) {
+          auto taken = std::make_shared<snapshot>();
+          detail::start_call(
+              core, "snapshot", {}, {},
+              detail::call_handler(detail::forward_as<snapshot>(std::move(handler), taken)),
+              [taken](sandbox& sb) -> result<value> {
+                KILN_TRY_ASSIGN(*taken, sb.take_snapshot());
+                return value{};
+              });
+        },
+        token);
+  }
+
+  /// Restores the sandbox to `snap` (sandbox::restore) on its worker, after the calls queued
+  /// before it; a poisoned sandbox accepts it and is usable again. Completion: void(error_code).
+  template <class Token> auto async_restore(snapshot snap, Token&& token) const {
+    return boost::asio::async_initiate<Token, void(error_code)>(
+        [core = core_](auto handler, snapshot sn) {
+          detail::start_call(core, "restore", {}, {},
+                             detail::call_handler(detail::forward_as<void>(std::move(handler))),
+                             [sn = std::move(sn)](sandbox& sb) -> result<value> {
+                               KILN_TRY(sb.restore(sn));
+                               return value{};
+                             });
+        },
+        token, std::move(snap));
   }
 
   /// Destroys the sandbox on its worker after the calls already queued have completed (they

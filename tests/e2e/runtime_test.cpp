@@ -84,6 +84,35 @@ TEST_F(runtime_test, files_are_mapped_and_unmapped_in_order_with_calls) {
   std::filesystem::remove_all(dir);
 }
 
+TEST_F(runtime_test, snapshot_and_restore_run_in_order_with_calls) {
+  runtime rt(runtime_options{.workers = 2});
+  auto sb = create(rt, "memory_test");
+  ASSERT_TRUE(sb);
+  auto one = sb.async_call("bump", {}, asio::use_future);
+  auto snap_f = sb.async_snapshot(asio::use_future);
+  auto two = sb.async_call("bump", {}, asio::use_future);
+  EXPECT_EQ(std::get<std::int64_t>(one.get()), 1);
+  snapshot snap = snap_f.get();
+  ASSERT_TRUE(snap);
+  EXPECT_EQ(std::get<std::int64_t>(two.get()), 2);
+  // A poisoning failure, then a restore from a coroutine: usable again, counter back to 1.
+  EXPECT_THROW(sb.async_call("peek", {value{std::uint64_t{0}}}, asio::use_future).get(),
+               boost::system::system_error);
+  EXPECT_TRUE(sb.poisoned());
+  std::promise<std::int64_t> after;
+  asio::co_spawn(
+      sb.get_executor(),
+      [&]() -> asio::awaitable<void> {
+        co_await sb.async_restore(snap, asio::use_awaitable);
+        auto v = co_await sb.async_call("bump", {}, asio::use_awaitable);
+        after.set_value(std::get<std::int64_t>(v));
+      },
+      asio::detached);
+  EXPECT_EQ(after.get_future().get(), 2);
+  EXPECT_FALSE(sb.poisoned());
+  EXPECT_EQ(sb.stats().restores, 1u);
+}
+
 TEST_F(runtime_test, future_style_reports_errors_as_system_error) {
   runtime rt({.workers = 1});
   auto sb = create(rt, "calc");
