@@ -150,12 +150,20 @@ result<std::uint64_t> guest_memory::resident_bytes(guest_phys_addr a, std::uint6
 result<void> guest_memory::back_with(std::shared_ptr<const snapshot_image> img) {
   if (!img || img->size() != size())
     return error(memory_errc::bad_size, "snapshot image size differs from guest RAM");
+  // Zero memory underneath (where no layer has data), then each extent from its layer.
   ++host_syscalls_;
   // SAFETY: MAP_FIXED replaces exactly the RAM part of this reservation.
-  void* p = ::mmap(mapping_.data(), size(), PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
-                   img->fd(), 0);
-  if (p == MAP_FAILED) return errno_error("mmap snapshot image as guest RAM");
+  void* p = ::mmap(mapping_.data(), size(), PROT_READ | PROT_WRITE,
+                   MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
+  if (p == MAP_FAILED) return errno_error("mmap guest RAM under a snapshot image");
   (void)::madvise(mapping_.data(), size(), MADV_NOHUGEPAGE); // as host_mapping does
+  for (const auto& e : img->extents()) {
+    ++host_syscalls_;
+    // SAFETY: [lo, hi) lies in RAM (extents are within the image, whose size is RAM's).
+    p = ::mmap(mapping_.data() + e.lo, e.hi - e.lo, PROT_READ | PROT_WRITE,
+               MAP_PRIVATE | MAP_FIXED, img->layers()[e.layer]->fd(), static_cast<off_t>(e.lo));
+    if (p == MAP_FAILED) return errno_error("mmap snapshot layer as guest RAM");
+  }
   image_ = std::move(img);
   return {};
 }
@@ -178,19 +186,37 @@ result<void> guest_memory::revert(guest_phys_addr a, std::uint64_t len, bool cop
   KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
   ++host_syscalls_;
   if (!copy) {
-    // SAFETY: for a MAP_PRIVATE file mapping, MADV_DONTNEED drops the private copies; the next
-    // access maps the image's page again.
+    // SAFETY: MADV_DONTNEED drops the private copies: the next access maps the layer's page
+    // again (MAP_PRIVATE file extents) or a zero page (the anonymous memory underneath).
     if (::madvise(host, len, MADV_DONTNEED) != 0) return errno_error("madvise(DONTNEED) revert");
     return {};
   }
   // SAFETY: [host, host+len) is RAM of this mapping and host-writable (the caller's contract).
-  for (std::uint64_t done = 0; done < len;) {
-    const ssize_t n = ::pread(image_->fd(), host + done, len - done,
-                              static_cast<off_t>(a.value + done));
-    if (n < 0 && errno == EINTR) continue;
-    if (n <= 0) return n < 0 ? errno_error("pread snapshot image")
-                             : error(memory_errc::out_of_bounds, "snapshot image ends early");
-    done += static_cast<std::uint64_t>(n);
+  // One read per run of pages from the same layer; zeros where no layer has data.
+  for (std::uint64_t at = a.value, end = a.value + len; at < end;) {
+    std::byte* dst = host + (at - a.value);
+    const image_extent* e = image_->extent_at(at);
+    std::uint64_t run_end = end;
+    if (!e) {
+      const auto& ex = image_->extents();
+      auto next = std::upper_bound(ex.begin(), ex.end(), at,
+                                   [](std::uint64_t v, const image_extent& x) { return v < x.lo; });
+      if (next != ex.end()) run_end = std::min(run_end, next->lo);
+      std::memset(dst, 0, run_end - at);
+      at = run_end;
+      continue;
+    }
+    run_end = std::min(run_end, e->hi);
+    const int fd = image_->layers()[e->layer]->fd();
+    for (std::uint64_t done = 0; done < run_end - at;) {
+      const ssize_t n = ::pread(fd, dst + done, run_end - at - done, static_cast<off_t>(at + done));
+      if (n < 0 && errno == EINTR) continue;
+      if (n <= 0)
+        return n < 0 ? errno_error("pread snapshot layer")
+                     : error(memory_errc::out_of_bounds, "snapshot layer ends early");
+      done += static_cast<std::uint64_t>(n);
+    }
+    at = run_end;
   }
   return {};
 }

@@ -124,9 +124,10 @@ public:
   result<std::uint64_t> resident_bytes(guest_phys_addr a, std::uint64_t len) const;
   // ---- Snapshot images ---------------------------------------------------------------------
 
-  /// Makes RAM a private (copy-on-write) mapping of `img` (MAP_FIXED over the current RAM, one
-  /// mmap): the guest sees the image's bytes, its writes stay private. Host protections of RAM
-  /// go back to read-write; the caller re-applies any narrower ones.
+  /// Makes RAM a private (copy-on-write) mapping of `img`: anonymous zero memory, with each of
+  /// the image's extents mapped MAP_PRIVATE from its layer on top (1 + extents mmaps). The guest
+  /// sees the image's bytes, its writes stay private. Host protections of RAM go back to
+  /// read-write; the caller re-applies any narrower ones.
   result<void> back_with(std::shared_ptr<const snapshot_image> img);
   /// The image RAM is a private mapping of, or null for plain anonymous RAM.
   const std::shared_ptr<const snapshot_image>& image() const noexcept { return image_; }

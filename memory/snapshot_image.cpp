@@ -42,28 +42,6 @@ result<void> punch(int fd, std::uint64_t off, std::uint64_t len) {
   return {};
 }
 
-/// Copies the data extents of `from` into `to` at the same offsets (holes stay holes).
-result<void> copy_data(int from, int to, std::uint64_t size) {
-  off_t at = 0;
-  while (static_cast<std::uint64_t>(at) < size) {
-    const off_t data = ::lseek(from, at, SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) break; // no data after `at`
-      return errno_error("lseek(SEEK_DATA) snapshot image");
-    }
-    off_t hole = ::lseek(from, data, SEEK_HOLE);
-    if (hole < 0) return errno_error("lseek(SEEK_HOLE) snapshot image");
-    off_t in = data, out = data;
-    while (in < hole) {
-      const ssize_t n = ::copy_file_range(from, &in, to, &out, static_cast<std::size_t>(hole - in), 0);
-      if (n < 0 && errno == EINTR) continue;
-      if (n <= 0) return errno_error("copy_file_range snapshot image");
-    }
-    at = hole;
-  }
-  return {};
-}
-
 /// Writes RAM range [lo, hi) from guest memory into the image: non-zero pages as data, zero
 /// pages as holes (punched, in case a parent's data lies there).
 result<void> store_range(int fd, const guest_memory& mem, std::uint64_t lo, std::uint64_t hi,
@@ -101,64 +79,145 @@ std::vector<byte_range> subtract(std::uint64_t lo, std::uint64_t hi,
   return out;
 }
 
+/// Extents of the layer's data (SEEK_DATA/SEEK_HOLE).
+result<std::vector<byte_range>> data_extents(int fd, std::uint64_t size) {
+  std::vector<byte_range> out;
+  off_t at = 0;
+  while (static_cast<std::uint64_t>(at) < size) {
+    const off_t data = ::lseek(fd, at, SEEK_DATA);
+    if (data < 0) {
+      if (errno == ENXIO) break;
+      return errno_error("lseek(SEEK_DATA) snapshot layer");
+    }
+    const off_t hole = ::lseek(fd, data, SEEK_HOLE);
+    if (hole < 0) return errno_error("lseek(SEEK_HOLE) snapshot layer");
+    out.emplace_back(static_cast<std::uint64_t>(data), static_cast<std::uint64_t>(hole));
+    at = hole;
+  }
+  return out;
+}
+
+/// `below` with `top` (sorted, disjoint) laid over it as layer `layer`, merged.
+std::vector<image_extent> overlay(const std::vector<image_extent>& below,
+                                  const std::vector<byte_range>& top, std::uint32_t layer) {
+  std::vector<image_extent> out;
+  auto push = [&out](image_extent e) {
+    if (e.lo >= e.hi) return;
+    if (!out.empty() && out.back().hi == e.lo && out.back().layer == e.layer)
+      out.back().hi = e.hi;
+    else
+      out.push_back(e);
+  };
+  std::vector<image_extent> all;
+  for (const auto& e : below)
+    for (const auto& [lo, hi] : subtract(e.lo, e.hi, top))
+      all.push_back({lo, hi, e.layer});
+  for (const auto& [lo, hi] : top)
+    all.push_back({lo, hi, layer});
+  std::sort(all.begin(), all.end(), [](const auto& a, const auto& b) { return a.lo < b.lo; });
+  for (const auto& e : all)
+    push(e);
+  return out;
+}
+
+result<void> write_zeros(int fd, std::uint64_t off, std::uint64_t len) {
+  static const std::byte zero_page[page_size] = {};
+  for (std::uint64_t done = 0; done < len; done += page_size)
+    KILN_TRY(write_all(fd, zero_page, page_size, off + done));
+  return {};
+}
+
 } // namespace
+
+std::uint64_t snapshot_image::total_data_bytes() const noexcept {
+  std::uint64_t total = 0;
+  for (const auto& l : layers_)
+    total += l->data_bytes();
+  return total;
+}
+
+const image_extent* snapshot_image::extent_at(std::uint64_t a) const noexcept {
+  auto it = std::upper_bound(extents_.begin(), extents_.end(), a,
+                             [](std::uint64_t v, const image_extent& e) { return v < e.lo; });
+  if (it == extents_.begin()) return nullptr;
+  --it;
+  return a < it->hi ? &*it : nullptr;
+}
 
 result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
     const guest_memory& mem, std::span<const byte_range> zeroed,
     std::span<const byte_range> unreadable) {
   const int raw = ::memfd_create("kiln-snapshot", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (raw < 0) return errno_error("memfd_create snapshot image");
-  unique_fd fd(raw);
+  auto layer = std::shared_ptr<snapshot_layer>(new snapshot_layer(unique_fd(raw)));
+  const int fd = layer->fd();
   const std::uint64_t size = mem.size();
-  if (::ftruncate(fd.get(), static_cast<off_t>(size)) != 0)
+  if (::ftruncate(fd, static_cast<off_t>(size)) != 0)
     return errno_error("ftruncate snapshot image");
 
   std::vector<byte_range> cut(zeroed.begin(), zeroed.end());
   cut.insert(cut.end(), unreadable.begin(), unreadable.end());
-  if (mem.image()) {
-    // The parent's bytes, then what the guest changed since (pages it dirtied).
-    KILN_TRY(copy_data(mem.image()->fd(), fd.get(), size));
-    KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
-    for (const auto& [b, e] : dirty)
-      for (const auto& [lo, hi] : subtract(b, e, cut))
-        KILN_TRY(store_range(fd.get(), mem, lo, hi, /*punch_zero=*/true));
-    for (const auto& [b, e] : cut)
-      KILN_TRY(punch(fd.get(), b, e - b));
-  } else {
+  const auto& parent = mem.image();
+  // A new layer over the parent's, unless the stack is as deep as allowed or too fragmented:
+  // then one flat layer with everything.
+  const bool layered = parent && parent->layers_.size() < max_depth &&
+                       parent->extents_.size() < max_extents;
+  auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
+  img->size_ = size;
+
+  if (!parent) {
     // Anonymous RAM: pages never touched are zero, so only present pages are read.
     KILN_TRY_ASSIGN(auto present, mem.dirty_ranges());
     for (const auto& [b, e] : present)
       for (const auto& [lo, hi] : subtract(b, e, cut))
-        KILN_TRY(store_range(fd.get(), mem, lo, hi, /*punch_zero=*/false));
-  }
-  if (::fcntl(fd.get(), F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
-    return errno_error("fcntl(F_ADD_SEALS) snapshot image");
-  auto img = std::shared_ptr<snapshot_image>(new snapshot_image(std::move(fd), size));
-  KILN_TRY_ASSIGN(img->data_bytes_, img->scan_data_bytes());
-  return std::shared_ptr<const snapshot_image>(std::move(img));
-}
-
-result<std::uint64_t> snapshot_image::allocated_bytes() const {
-  struct stat st {};
-  if (::fstat(fd_.get(), &st) != 0) return errno_error("fstat snapshot image");
-  return static_cast<std::uint64_t>(st.st_blocks) * 512;
-}
-
-result<std::uint64_t> snapshot_image::scan_data_bytes() const {
-  std::uint64_t total = 0;
-  off_t at = 0;
-  while (static_cast<std::uint64_t>(at) < size_) {
-    const off_t data = ::lseek(fd_.get(), at, SEEK_DATA);
-    if (data < 0) {
-      if (errno == ENXIO) break;
-      return errno_error("lseek(SEEK_DATA) snapshot image");
+        KILN_TRY(store_range(fd, mem, lo, hi, /*punch_zero=*/false));
+  } else if (layered) {
+    // Only what differs from the parent: the dirtied pages, and zeros where the parent has
+    // data that must now read as zero (a page the guest cleared, the I/O buffers...).
+    KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
+    for (const auto& [b, e] : dirty)
+      for (const auto& [lo, hi] : subtract(b, e, cut))
+        for (std::uint64_t p = lo; p < hi; p += page_size) {
+          // SAFETY: p is a host-readable RAM page (unreadable ranges were cut out).
+          const std::byte* host = mem.host_address_for_mapping(guest_phys_addr{p});
+          if (!all_zero(host, page_size))
+            KILN_TRY(write_all(fd, host, page_size, p));
+          else if (parent->layer_at(p))
+            KILN_TRY(write_zeros(fd, p, page_size));
+        }
+    for (const auto& [b, e] : cut)
+      for (std::uint64_t p = align_down(b, page_size); p < e; p += page_size)
+        if (parent->layer_at(p)) KILN_TRY(write_zeros(fd, p, page_size));
+  } else {
+    // Flatten: the parent's extents copied in the kernel, then the dirtied pages.
+    for (const auto& ext : parent->extents_) {
+      loff_t in = static_cast<loff_t>(ext.lo), out = in;
+      const int from = parent->layers_[ext.layer]->fd();
+      while (static_cast<std::uint64_t>(in) < ext.hi) {
+        const ssize_t n = ::copy_file_range(from, &in, fd, &out,
+                                            static_cast<std::size_t>(ext.hi - in), 0);
+        if (n < 0 && errno == EINTR) continue;
+        if (n <= 0) return errno_error("copy_file_range snapshot image");
+      }
     }
-    const off_t hole = ::lseek(fd_.get(), data, SEEK_HOLE);
-    if (hole < 0) return errno_error("lseek(SEEK_HOLE) snapshot image");
-    total += static_cast<std::uint64_t>(hole - data);
-    at = hole;
+    KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
+    for (const auto& [b, e] : dirty)
+      for (const auto& [lo, hi] : subtract(b, e, cut))
+        KILN_TRY(store_range(fd, mem, lo, hi, /*punch_zero=*/true));
+    for (const auto& [b, e] : cut)
+      KILN_TRY(punch(fd, b, e - b));
   }
-  return total;
+  if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
+    return errno_error("fcntl(F_ADD_SEALS) snapshot image");
+
+  KILN_TRY_ASSIGN(auto data, data_extents(fd, size));
+  for (const auto& [b, e] : data)
+    layer->data_bytes_ += e - b;
+  if (layered) img->layers_ = parent->layers_;
+  img->layers_.push_back(std::move(layer));
+  img->extents_ = overlay(layered ? parent->extents_ : std::vector<image_extent>{}, data,
+                          static_cast<std::uint32_t>(img->layers_.size() - 1));
+  return std::shared_ptr<const snapshot_image>(std::move(img));
 }
 
 } // namespace kiln::memory

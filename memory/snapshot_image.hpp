@@ -1,4 +1,4 @@
-// The memory of a sandbox at one point: guest RAM in a memfd, zero pages left as holes.
+// The memory of a sandbox at one point: layers of guest RAM in memfds, zero pages left as holes.
 #pragma once
 
 #include <kiln/support/result.hpp>
@@ -17,40 +17,78 @@ class guest_memory;
 /// A half-open byte range [first, second) of guest-physical addresses.
 using byte_range = std::pair<std::uint64_t, std::uint64_t>;
 
-/// Guest RAM at a snapshot, byte for byte, in an anonymous memory file (memfd). Sandboxes map
-/// it MAP_PRIVATE as their RAM, so all of them share its unmodified pages through the page
-/// cache, and dropping a sandbox's private (written) pages brings back the snapshot's bytes.
-/// Zero pages are holes: the file's allocated size tracks the non-zero pages. Immutable once
-/// captured (only kiln holds the descriptor, and its size is sealed).
+/// One layer of a snapshot image: an anonymous memory file (memfd) of the RAM's size holding
+/// some pages at their guest-physical offsets, holes elsewhere. Immutable once captured (only
+/// kiln holds the descriptor; its size is sealed).
+class snapshot_layer {
+public:
+  int fd() const noexcept { return fd_.get(); }
+  /// Bytes of data the layer was captured with (its SEEK_DATA extents then).
+  std::uint64_t data_bytes() const noexcept { return data_bytes_; }
+
+private:
+  friend class snapshot_image;
+  explicit snapshot_layer(unique_fd fd) : fd_(std::move(fd)) {}
+  unique_fd fd_;
+  std::uint64_t data_bytes_ = 0;
+};
+
+/// Which layer provides the bytes of [lo, hi) (an index into snapshot_image::layers()).
+struct image_extent {
+  std::uint64_t lo = 0, hi = 0;
+  std::uint32_t layer = 0;
+  bool operator==(const image_extent&) const = default;
+};
+
+/// Guest RAM at a snapshot: a stack of layers, each a memfd. The first snapshot of a sandbox is
+/// one layer holding its non-zero pages; a snapshot of a sandbox that descends from another
+/// adds one layer holding only the pages that differ from its parent and shares the parent's
+/// layers (so a child costs what its guest changed, not a copy of everything). `extents()`
+/// says which layer provides each part; pages no layer provides are zero. Past a depth or
+/// fragmentation cap the layers are flattened into one.
+///
+/// Sandboxes map it copy-on-write as their RAM (guest_memory::back_with): anonymous zero memory
+/// with each extent mapped MAP_PRIVATE from its layer on top, so every sandbox shares the
+/// layers' unmodified pages and dropping a sandbox's written pages brings the image back.
 ///
 /// Thread-safety: immutable after capture; share it through shared_ptr<const snapshot_image>.
 class snapshot_image {
 public:
+  /// Layers above this many are flattened into one at the next capture.
+  static constexpr std::size_t max_depth = 8;
+  /// More extents than this (each is one host mapping per sandbox) are flattened too.
+  static constexpr std::size_t max_extents = 1024;
+
   /// Captures `mem`'s RAM. Pages in `zeroed` (the I/O buffers) and `unreadable` (pages the guest
-  /// made inaccessible, PROT_NONE in the host) are stored as zeros. When `mem` is itself backed
-  /// by an image, that image's data is copied in the kernel and only the pages the guest
-  /// dirtied since are read from guest memory; otherwise only the pages present in host memory
-  /// are read (the rest are zero). Cost: proportional to stored data, not to memory size.
+  /// made inaccessible, PROT_NONE in the host) are stored as zeros. When `mem` is backed by an
+  /// image, only the pages the guest dirtied since are read, into a new layer above the
+  /// parent's; otherwise only the pages present in host memory are read (the rest are zero).
   static result<std::shared_ptr<const snapshot_image>> capture(
       const guest_memory& mem, std::span<const byte_range> zeroed,
       std::span<const byte_range> unreadable);
 
-  int fd() const noexcept { return fd_.get(); }
   std::uint64_t size() const noexcept { return size_; }
-  /// Bytes the file really holds (its allocated blocks).
-  result<std::uint64_t> allocated_bytes() const;
-  /// Bytes of data the image was captured with, not counting holes (its SEEK_DATA extents at
-  /// capture). Later, a guest touching a hole through its mapping makes the kernel allocate a
-  /// (zero) page cache page there, shared by all sandboxes of this image; that is not counted.
-  std::uint64_t data_bytes() const noexcept { return data_bytes_; }
+  const std::vector<std::shared_ptr<const snapshot_layer>>& layers() const noexcept {
+    return layers_;
+  }
+  const std::vector<image_extent>& extents() const noexcept { return extents_; }
+  /// Bytes this snapshot added (its top layer's data); its parents' layers are shared.
+  std::uint64_t data_bytes() const noexcept { return layers_.back()->data_bytes(); }
+  /// Bytes of all its layers' data.
+  std::uint64_t total_data_bytes() const noexcept;
+  /// The extent holding guest-physical `a`, or nullptr where the image is zero.
+  const image_extent* extent_at(std::uint64_t a) const noexcept;
+  /// The layer providing guest-physical `a`, or nullptr where the image is zero.
+  const snapshot_layer* layer_at(std::uint64_t a) const noexcept {
+    const image_extent* e = extent_at(a);
+    return e ? layers_[e->layer].get() : nullptr;
+  }
 
 private:
-  snapshot_image(unique_fd fd, std::uint64_t size) : fd_(std::move(fd)), size_(size) {}
-  /// Sum of the file's SEEK_DATA extents now.
-  result<std::uint64_t> scan_data_bytes() const;
-  unique_fd fd_;
+  snapshot_image() = default;
   std::uint64_t size_ = 0;
-  std::uint64_t data_bytes_ = 0;
+  std::vector<std::shared_ptr<const snapshot_layer>> layers_; // oldest first
+  std::vector<image_extent> extents_;                         // sorted, disjoint, merged
 };
 
 } // namespace kiln::memory

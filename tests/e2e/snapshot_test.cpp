@@ -168,6 +168,48 @@ TEST_F(snapshot_e2e, sandboxes_from_one_snapshot_share_its_pages) {
   }
 }
 
+TEST_F(snapshot_e2e, a_descendant_snapshot_stores_only_what_changed) {
+  auto sb = make_sized(64 * mib);
+  ASSERT_NE(sb, nullptr);
+  const auto h = heap(*sb);
+  ASSERT_TRUE(sb->call("touch", h, 2048 * page, std::int64_t{4})); // 8 MiB of state
+  auto parent = sb->take_snapshot();
+  ASSERT_TRUE(parent);
+  const auto parent_bytes = parent->stored_bytes();
+  ASSERT_TRUE(parent_bytes);
+  EXPECT_GE(*parent_bytes, 8 * mib);
+  ASSERT_TRUE(sb->call("touch", h + 100 * page, page, std::int64_t{7}));
+  auto child = sb->take_snapshot();
+  ASSERT_TRUE(child);
+  const auto child_bytes = child->stored_bytes();
+  ASSERT_TRUE(child_bytes);
+  EXPECT_LT(*child_bytes, 256 * 1024u) << "a child holds the pages that differ, not a copy";
+  const auto expect_sum = [&](sandbox& s, std::uint64_t sum) {
+    EXPECT_EQ(as<std::uint64_t>(s.call("sum_pages", h, 2048 * page)), sum);
+  };
+  // Back and forth between generations, and a fresh sandbox from the child.
+  ASSERT_TRUE(sb->restore(*parent));
+  expect_sum(*sb, 4u * 2048);
+  ASSERT_TRUE(sb->restore(*child));
+  expect_sum(*sb, 4u * 2047 + 7);
+  auto fresh = sandbox::create(*child, {}, config_for("memory_test"));
+  ASSERT_TRUE(fresh) << fresh.err().message();
+  expect_sum(**fresh, 4u * 2047 + 7);
+  // A long chain is flattened past the depth cap and stays exact.
+  for (int gen = 0; gen < 12; ++gen) {
+    ASSERT_TRUE(sb->call("touch", h + static_cast<std::uint64_t>(gen) * page, page,
+                         std::int64_t{100 + gen}));
+    auto s = sb->take_snapshot();
+    ASSERT_TRUE(s) << s.err().message();
+    ASSERT_TRUE(sb->restore(*child));
+    ASSERT_TRUE(sb->restore(*s));
+  }
+  std::uint64_t want = 4u * 2047 + 7;
+  for (int gen = 0; gen < 12; ++gen)
+    want += static_cast<std::uint64_t>(100 + gen) - 4;
+  expect_sum(*sb, want);
+}
+
 TEST_F(snapshot_e2e, restore_to_another_sandboxes_snapshot_and_layout_checks) {
   auto a = make_sized(32 * mib);
   auto b = make_sized(32 * mib);
