@@ -160,8 +160,9 @@ result<void> guest_memory::back_with(std::shared_ptr<const snapshot_image> img) 
   for (const auto& e : img->extents()) {
     ++host_syscalls_;
     // SAFETY: [lo, hi) lies in RAM (extents are within the image, whose size is RAM's).
+    const auto& layer = *img->layers()[e.layer];
     p = ::mmap(mapping_.data() + e.lo, e.hi - e.lo, PROT_READ | PROT_WRITE,
-               MAP_PRIVATE | MAP_FIXED, img->layers()[e.layer]->fd(), static_cast<off_t>(e.lo));
+               MAP_PRIVATE | MAP_FIXED, layer.fd(), static_cast<off_t>(layer.base() + e.lo));
     if (p == MAP_FAILED) return errno_error("mmap snapshot layer as guest RAM");
   }
   image_ = std::move(img);
@@ -207,9 +208,10 @@ result<void> guest_memory::revert(guest_phys_addr a, std::uint64_t len, bool cop
       continue;
     }
     run_end = std::min(run_end, e->hi);
-    const int fd = image_->layers()[e->layer]->fd();
+    const auto& layer = *image_->layers()[e->layer];
     for (std::uint64_t done = 0; done < run_end - at;) {
-      const ssize_t n = ::pread(fd, dst + done, run_end - at - done, static_cast<off_t>(at + done));
+      const ssize_t n = ::pread(layer.fd(), dst + done, run_end - at - done,
+                                static_cast<off_t>(layer.base() + at + done));
       if (n < 0 && errno == EINTR) continue;
       if (n <= 0)
         return n < 0 ? errno_error("pread snapshot layer")

@@ -31,6 +31,12 @@ enum class memory_errc {
   file_name_invalid,  // a mapped file's name is empty, too long or already in use
   file_not_mapped,    // no mapped file of that name
   file_truncated,     // a mapped file shrank after it was mapped; its lost pages were touched
+  // Snapshot files
+  snapshot_truncated,   // the file ends before a part its header declares (or shrank)
+  snapshot_bad_magic,   // not a kiln snapshot file
+  snapshot_unsupported, // another format version, architecture or page size
+  snapshot_corrupt,     // a checksum or structural check failed
+  snapshot_too_large,   // a size above kiln's caps
 };
 
 } // namespace kiln::memory
@@ -86,6 +92,16 @@ template <> struct kiln::errc_traits<kiln::memory::memory_errc> {
       return "no mapped file of that name";
     case file_truncated:
       return "mapped file was truncated under the guest";
+    case snapshot_truncated:
+      return "snapshot file truncated";
+    case snapshot_bad_magic:
+      return "not a kiln snapshot file";
+    case snapshot_unsupported:
+      return "unsupported snapshot format, architecture or page size";
+    case snapshot_corrupt:
+      return "snapshot file corrupt";
+    case snapshot_too_large:
+      return "snapshot file exceeds size limits";
     }
     return nullptr;
   }

@@ -129,6 +129,18 @@ result<void> write_zeros(int fd, std::uint64_t off, std::uint64_t len) {
 
 } // namespace
 
+std::shared_ptr<const snapshot_image> snapshot_image::from_file(
+    unique_fd fd, std::uint64_t base, std::uint64_t size, const std::vector<byte_range>& extents) {
+  auto layer = std::shared_ptr<snapshot_layer>(new snapshot_layer(std::move(fd), base));
+  for (const auto& [b, e] : extents)
+    layer->data_bytes_ += e - b;
+  auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
+  img->size_ = size;
+  img->layers_.push_back(std::move(layer));
+  img->extents_ = overlay({}, extents, 0);
+  return img;
+}
+
 std::uint64_t snapshot_image::total_data_bytes() const noexcept {
   std::uint64_t total = 0;
   for (const auto& l : layers_)
@@ -191,11 +203,14 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
   } else {
     // Flatten: the parent's extents copied in the kernel, then the dirtied pages.
     for (const auto& ext : parent->extents_) {
-      loff_t in = static_cast<loff_t>(ext.lo), out = in;
-      const int from = parent->layers_[ext.layer]->fd();
-      while (static_cast<std::uint64_t>(in) < ext.hi) {
+      const auto& from_layer = *parent->layers_[ext.layer];
+      loff_t in = static_cast<loff_t>(from_layer.base() + ext.lo);
+      loff_t out = static_cast<loff_t>(ext.lo);
+      const int from = from_layer.fd();
+      const auto in_end = static_cast<loff_t>(from_layer.base() + ext.hi);
+      while (in < in_end) {
         const ssize_t n = ::copy_file_range(from, &in, fd, &out,
-                                            static_cast<std::size_t>(ext.hi - in), 0);
+                                            static_cast<std::size_t>(in_end - in), 0);
         if (n < 0 && errno == EINTR) continue;
         if (n <= 0) return errno_error("copy_file_range snapshot image");
       }

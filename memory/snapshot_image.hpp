@@ -23,13 +23,16 @@ using byte_range = std::pair<std::uint64_t, std::uint64_t>;
 class snapshot_layer {
 public:
   int fd() const noexcept { return fd_.get(); }
+  /// File offset of guest-physical address 0 (0 for a memfd; the data offset for a .ksnap).
+  std::uint64_t base() const noexcept { return base_; }
   /// Bytes of data the layer was captured with (its SEEK_DATA extents then).
   std::uint64_t data_bytes() const noexcept { return data_bytes_; }
 
 private:
   friend class snapshot_image;
-  explicit snapshot_layer(unique_fd fd) : fd_(std::move(fd)) {}
+  explicit snapshot_layer(unique_fd fd, std::uint64_t base = 0) : fd_(std::move(fd)), base_(base) {}
   unique_fd fd_;
+  std::uint64_t base_ = 0;
   std::uint64_t data_bytes_ = 0;
 };
 
@@ -66,6 +69,13 @@ public:
   static result<std::shared_ptr<const snapshot_image>> capture(
       const guest_memory& mem, std::span<const byte_range> zeroed,
       std::span<const byte_range> unreadable);
+
+  /// A one-layer image whose data is `fd` at file offset `base` + guest-physical address (a
+  /// .ksnap file's data area), holding `extents` (sorted, disjoint, page-aligned, within `size`;
+  /// the caller validated them).
+  static std::shared_ptr<const snapshot_image> from_file(unique_fd fd, std::uint64_t base,
+                                                         std::uint64_t size,
+                                                         const std::vector<byte_range>& extents);
 
   std::uint64_t size() const noexcept { return size_; }
   const std::vector<std::shared_ptr<const snapshot_layer>>& layers() const noexcept {

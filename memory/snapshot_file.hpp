@@ -1,0 +1,155 @@
+// The .ksnap snapshot file: layout, caps, crash-safe writing and validating reading.
+#pragma once
+
+#include <kiln/memory/snapshot_image.hpp>
+#include <kiln/support/result.hpp>
+#include <kiln/support/unique_fd.hpp>
+
+#include <array>
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <span>
+#include <string>
+#include <vector>
+
+namespace kiln::memory {
+
+/// The .ksnap format, version 1.0. Little-endian throughout; every offset and size is checked
+/// against the file's size and the caps below before anything is allocated or mapped.
+///
+///   offset 0          +--------------------------------------------------------------+
+///                     | header, 4096 bytes (struct ksnap_header, zero-padded)         |
+///                     |   magic "KILNSNAP", format major/minor, arch, guest ABI,      |
+///                     |   page size, memory size, file size, meta and data offsets,   |
+///                     |   chunk size and count, id, parent id, header checksum        |
+///   meta_offset       +--------------------------------------------------------------+
+///   (4096)            | sections, each: u32 tag, u32 zero, u64 size, payload,         |
+///                     | zero padding to 8 bytes; tags in increasing order, each at    |
+///                     | most once; EXTENTS and CHUNKS are required                    |
+///                     |   EXTENTS: u64 count, then {u64 lo, u64 hi}: the guest ranges |
+///                     |            the data area holds (sorted, disjoint, in memory)  |
+///                     |   CHUNKS:  u32 CRC32C per chunk of the data area's guest      |
+///                     |            range [0, memory_size), holes read as zero          |
+///                     |   others:  opaque to this layer (vCPU state, regions, files,  |
+///                     |            host functions, working set...), kept as bytes     |
+///                     | u32 CRC32C of all section bytes                               |
+///   data_offset       +--------------------------------------------------------------+
+///   (page-aligned)    | guest RAM: guest-physical byte g at data_offset + g, for g in  |
+///                     | [0, memory_size). Outside EXTENTS: holes (zero, no blocks), so |
+///                     | the file's allocated size tracks the non-zero pages. Mapped    |
+///                     | MAP_PRIVATE directly as a snapshot layer.                      |
+///   file_size         +--------------------------------------------------------------+
+///
+/// Versioning: a reader accepts its own major version and any minor version up to its own;
+/// a newer major or minor is refused (format_unsupported) rather than half-read.
+namespace ksnap {
+inline constexpr std::array<char, 8> magic = {'K', 'I', 'L', 'N', 'S', 'N', 'A', 'P'};
+inline constexpr std::uint32_t format_major = 1, format_minor = 0;
+inline constexpr std::uint32_t arch_x86_64 = 1;
+inline constexpr std::uint64_t header_size = 4096;
+inline constexpr std::uint64_t chunk_size = 2ull << 20;
+// Caps, checked before allocating.
+inline constexpr std::uint64_t max_memory = 64ull << 30;
+inline constexpr std::uint64_t max_meta = 16ull << 20;
+inline constexpr std::uint64_t max_sections = 64;
+inline constexpr std::uint64_t max_extents = 1u << 20;
+
+enum class tag : std::uint32_t {
+  extents = 1,
+  chunks = 2,
+  // Opaque to memory/ (written and read by the runtime):
+  layout = 16,
+  regions = 17,
+  vcpu = 18,
+  protection = 19,
+  page_tables = 20,
+  files = 21,
+  host_functions = 22,
+  working_set = 23,
+};
+
+/// The fixed header (the rest of its 4096 bytes are zero).
+struct header {
+  std::array<char, 8> magic;
+  std::uint32_t format_major;
+  std::uint32_t format_minor;
+  std::uint32_t arch;
+  std::uint32_t page_size;
+  std::uint32_t guest_abi_major;
+  std::uint32_t guest_abi_minor;
+  std::uint64_t memory_size;
+  std::uint64_t file_size;
+  std::uint64_t meta_offset;
+  std::uint64_t meta_size; // sections and their CRC
+  std::uint64_t data_offset;
+  std::uint64_t chunk_size;
+  std::uint64_t chunk_count;
+  std::array<std::uint8_t, 16> id;
+  std::array<std::uint8_t, 16> parent_id; // all zero: no parent
+  std::uint32_t flags;                    // reserved, zero
+  std::uint32_t header_crc;               // CRC32C of the 4096 header bytes with this zero
+};
+static_assert(sizeof(header) == 128, "ksnap header layout");
+} // namespace ksnap
+
+/// One opaque section, as the runtime hands it to the writer and gets it back from the reader.
+struct snapshot_section {
+  ksnap::tag tag;
+  std::vector<std::byte> payload;
+};
+
+/// What describes a snapshot file besides its data.
+struct snapshot_file_info {
+  std::uint64_t memory_size = 0;
+  std::uint32_t guest_abi_major = 0, guest_abi_minor = 0;
+  std::array<std::uint8_t, 16> id{};
+  std::array<std::uint8_t, 16> parent_id{};
+  std::vector<snapshot_section> sections; // opaque ones only (not EXTENTS, CHUNKS)
+};
+
+/// Writes `image` and `info` to `path` crash-safely: a temporary file in the same directory,
+/// written, fsync'ed, renamed over `path`, then the directory fsync'ed. On any failure (ENOSPC
+/// included) the temporary file is removed and an existing `path` is untouched. The data area
+/// is written sparse (only the image's extents). Errors: errno of the failing call.
+result<void> write_snapshot_file(const std::string& path, const snapshot_image& image,
+                                 const snapshot_file_info& info);
+
+/// A validated, open snapshot file. open() reads and checks the header (magic, format version,
+/// arch, page size, sizes against the file's size and the caps, checksum) and the meta area
+/// (section framing, order, sizes, checksum; extents sorted, disjoint, inside memory and
+/// page-aligned) before returning; nothing is mapped or allocated past the caps before that.
+class snapshot_file {
+public:
+  /// Opens `path` with O_NOFOLLOW (a symlink is refused). Errors: the open's errno (ELOOP for a
+  /// symlink), snapshot_truncated, snapshot_bad_magic, snapshot_unsupported,
+  /// snapshot_corrupt (checksum or structure), snapshot_too_large (a cap).
+  static result<snapshot_file> open(const std::string& path);
+
+  const snapshot_file_info& info() const noexcept { return info_; }
+  const std::vector<byte_range>& extents() const noexcept { return extents_; }
+  std::uint64_t data_offset() const noexcept { return data_offset_; }
+  std::uint64_t file_size() const noexcept { return file_size_; }
+  /// Bytes the file really occupies on disk (allocated blocks).
+  result<std::uint64_t> allocated_bytes() const;
+  int fd() const noexcept { return fd_.get(); }
+
+  /// Checks every chunk's CRC32C over the data area (reads all data). Errors: snapshot_corrupt
+  /// naming the first bad chunk.
+  result<void> verify() const;
+  /// The file's data as a one-layer snapshot image mapped from this file (the image keeps its
+  /// own descriptor). Re-checks the file's size first: a file that shrank since open() is
+  /// refused (snapshot_truncated).
+  result<std::shared_ptr<const snapshot_image>> image() const;
+
+private:
+  snapshot_file() = default;
+  unique_fd fd_;
+  snapshot_file_info info_;
+  std::vector<byte_range> extents_;
+  std::vector<std::uint32_t> chunk_crcs_;
+  std::uint64_t data_offset_ = 0;
+  std::uint64_t file_size_ = 0;
+};
+
+} // namespace kiln::memory
