@@ -43,8 +43,10 @@ result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter 
     arg.category_mask = page_is_present | page_is_pfnzero;
     arg.category_inverted = page_is_pfnzero;
   } else {
-    arg.category_mask = page_is_present | page_is_file;
-    arg.category_inverted = page_is_file;
+    // Not the zero page either: where no layer of an image has data, RAM is anonymous memory,
+    // and a read there maps the zero page, which holds nothing of this guest's.
+    arg.category_mask = page_is_present | page_is_file | page_is_pfnzero;
+    arg.category_inverted = page_is_file | page_is_pfnzero;
   }
   arg.return_mask = page_is_present;
   bool scanned = true;
@@ -78,7 +80,8 @@ result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter 
       const std::uint64_t e = entries[i];
       const bool match = filter == page_filter::resident
                              ? (e & (present | exclusive)) == (present | exclusive)
-                             : (e & (present | file_or_shared)) == present;
+                             : (e & (present | file_or_shared | exclusive)) ==
+                                   (present | exclusive);
       if (match) {
         const std::uintptr_t at = lo + (done + i) * page_size;
         append(out, at, at + page_size);

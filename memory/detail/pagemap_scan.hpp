@@ -53,13 +53,14 @@ inline const unsigned long pagemap_scan_request = PAGEMAP_SCAN;
 /// Which pages of a host range to find.
 enum class page_filter {
   resident, // present, and not the kernel's shared zero page
-  private_, // present and anonymous (in a MAP_PRIVATE file mapping: written since mapped)
+  private_, // present, anonymous, not the shared zero page (in a MAP_PRIVATE file mapping:
+            // written since mapped)
 };
 
 /// The sub-ranges of host [lo, hi) (page-aligned) whose pages match `filter`, merged, in order.
 /// PAGEMAP_SCAN where the kernel has it (Linux 6.7+: cost follows the mapped pages, not the
 /// range), else a read of /proc/self/pagemap (8 bytes a page; for `resident`, present and
-/// exclusively mapped; for `private_`, present and neither file nor shared).
+/// exclusively mapped; for `private_`, present, exclusively mapped and neither file nor shared).
 result<std::vector<std::pair<std::uintptr_t, std::uintptr_t>>> scan_pages(std::uintptr_t lo,
                                                                           std::uintptr_t hi,
                                                                           page_filter filter);
