@@ -120,6 +120,23 @@ std::vector<image_extent> overlay(const std::vector<image_extent>& below,
   return out;
 }
 
+/// Copies [lo, hi) of `from` into `to` at the same offsets, leaving its zero pages as holes.
+result<void> copy_nonzero(const snapshot_layer& from, std::uint64_t lo, std::uint64_t hi, int to) {
+  std::vector<std::byte> buf(16 * page_size);
+  for (std::uint64_t at = lo; at < hi;) {
+    const std::uint64_t len = std::min<std::uint64_t>(buf.size(), hi - at);
+    const ssize_t n = ::pread(from.fd(), buf.data(), len, static_cast<off_t>(from.base() + at));
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0) return errno_error("pread snapshot layer");
+    if (static_cast<std::uint64_t>(n) != len)
+      return error(memory_errc::out_of_bounds, "snapshot layer ends early");
+    for (std::uint64_t p = 0; p < len; p += page_size)
+      if (!all_zero(&buf[p], page_size)) KILN_TRY(write_all(to, &buf[p], page_size, at + p));
+    at += len;
+  }
+  return {};
+}
+
 result<void> write_zeros(int fd, std::uint64_t off, std::uint64_t len) {
   static const std::byte zero_page[page_size] = {};
   for (std::uint64_t done = 0; done < len; done += page_size)
@@ -201,9 +218,15 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
       for (std::uint64_t p = align_down(b, page_size); p < e; p += page_size)
         if (parent->layer_at(p)) KILN_TRY(write_zeros(fd, p, page_size));
   } else {
-    // Flatten: the parent's extents copied in the kernel, then the dirtied pages.
+    // Flatten: the parent's extents copied in the kernel, then the dirtied pages. Layers above
+    // the first hold zero pages where they hide data below (see the layered case): those are
+    // copied page by page, so that the flat layer keeps zero pages as holes.
     for (const auto& ext : parent->extents_) {
       const auto& from_layer = *parent->layers_[ext.layer];
+      if (ext.layer != 0) {
+        KILN_TRY(copy_nonzero(from_layer, ext.lo, ext.hi, fd));
+        continue;
+      }
       loff_t in = static_cast<loff_t>(from_layer.base() + ext.lo);
       loff_t out = static_cast<loff_t>(ext.lo);
       const int from = from_layer.fd();
