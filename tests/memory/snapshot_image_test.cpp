@@ -295,8 +295,8 @@ TEST_F(SnapshotImage, BackWithShowsTheImageInsteadOfWhatRamHeld) {
 }
 
 TEST_F(SnapshotImageBacked, WritesArePrivateAndShowAsDirtyPages) {
-  // Reads of the image's data dirty nothing. (Reads of its holes are not read here: they are
-  // anonymous memory, which some kernels allocate on a read; see the tests of reads of holes below.)
+  // Reads of the image's data dirty nothing. (Its holes are not read here: they are anonymous
+  // memory, which some kernels allocate on a read; the tests of reads of holes are below.)
   EXPECT_EQ(ram(0x100000), parent_[0x100000]);
   EXPECT_EQ(ram(0x400000), parent_[0x400000]);
   EXPECT_TRUE(dirty().empty());
