@@ -18,31 +18,33 @@ namespace kiln::memory {
 /// The .ksnap format, version 1.0. Little-endian throughout; every offset and size is checked
 /// against the file's size and the caps below before anything is allocated or mapped.
 ///
-///   offset 0          +--------------------------------------------------------------+
-///                     | header, 4096 bytes (struct ksnap_header, zero-padded)         |
+///   offset 0          +---------------------------------------------------------------+
+///                     | header, 4096 bytes (struct ksnap::header, zero-padded)        |
 ///                     |   magic "KILNSNAP", format major/minor, arch, guest ABI,      |
 ///                     |   page size, memory size, file size, meta and data offsets,   |
 ///                     |   chunk size and count, id, parent id, header checksum        |
-///   meta_offset       +--------------------------------------------------------------+
+///   meta_offset       +---------------------------------------------------------------+
 ///   (4096)            | sections, each: u32 tag, u32 zero, u64 size, payload,         |
 ///                     | zero padding to 8 bytes; tags in increasing order, each at    |
 ///                     | most once; EXTENTS and CHUNKS are required                    |
 ///                     |   EXTENTS: u64 count, then {u64 lo, u64 hi}: the guest ranges |
 ///                     |            the data area holds (sorted, disjoint, in memory)  |
-///                     |   CHUNKS:  u32 CRC32C per chunk of the data area's guest      |
-///                     |            range [0, memory_size), holes read as zero          |
+///                     |   CHUNKS:  u32 CRC32C per 2 MiB chunk of guest memory         |
+///                     |            [0, memory_size) as a guest sees it: the EXTENTS'  |
+///                     |            bytes, zero elsewhere (whatever the file holds)    |
 ///                     |   others:  opaque to this layer (vCPU state, regions, files,  |
 ///                     |            host functions, working set...), kept as bytes     |
 ///                     | u32 CRC32C of all section bytes                               |
-///   data_offset       +--------------------------------------------------------------+
-///   (page-aligned)    | guest RAM: guest-physical byte g at data_offset + g, for g in  |
-///                     | [0, memory_size). Outside EXTENTS: holes (zero, no blocks), so |
-///                     | the file's allocated size tracks the non-zero pages. Mapped    |
-///                     | MAP_PRIVATE directly as a snapshot layer.                      |
-///   file_size         +--------------------------------------------------------------+
+///   data_offset       +---------------------------------------------------------------+
+///   (page-aligned)    | guest RAM: guest-physical byte g at data_offset + g, for g    |
+///                     | in [0, memory_size). Outside EXTENTS: holes (zero, no         |
+///                     | blocks), so the file's allocated size tracks the non-zero     |
+///                     | pages. Mapped MAP_PRIVATE directly as a snapshot layer.       |
+///   file_size         +---------------------------------------------------------------+
 ///
 /// Versioning: a reader accepts its own major version and any minor version up to its own;
-/// a newer major or minor is refused (format_unsupported) rather than half-read.
+/// a newer major or minor is refused (snapshot_unsupported) rather than half-read. The version
+/// fields are checked before the header checksum, so a newer format is reported as such.
 namespace ksnap {
 inline constexpr std::array<char, 8> magic = {'K', 'I', 'L', 'N', 'S', 'N', 'A', 'P'};
 inline constexpr std::uint32_t format_major = 1, format_minor = 0;
@@ -111,7 +113,13 @@ struct snapshot_file_info {
 /// Writes `image` and `info` to `path` crash-safely: a temporary file in the same directory,
 /// written, fsync'ed, renamed over `path`, then the directory fsync'ed. On any failure (ENOSPC
 /// included) the temporary file is removed and an existing `path` is untouched. The data area
-/// is written sparse (only the image's extents). Errors: errno of the failing call.
+/// is written sparse (only the image's extents). `info.memory_size` is the image's size (0 means
+/// "the image's"); an all-zero `info.id` is replaced by a random one. If the final directory
+/// fsync fails the new file is already in place (the error says it may not survive a crash).
+/// Leaves nothing behind on error, except after a crash or SIGKILL mid-write: a hidden
+/// ".<name>.tmp-XXXXXX" beside `path`, never a partial file at `path`. Errors: errno of the
+/// failing call; EINVAL for a section tag that is EXTENTS, CHUNKS or repeated, or a memory size
+/// that differs from the image's; snapshot_too_large past a cap.
 result<void> write_snapshot_file(const std::string& path, const snapshot_image& image,
                                  const snapshot_file_info& info);
 
@@ -121,9 +129,11 @@ result<void> write_snapshot_file(const std::string& path, const snapshot_image& 
 /// page-aligned) before returning; nothing is mapped or allocated past the caps before that.
 class snapshot_file {
 public:
-  /// Opens `path` with O_NOFOLLOW (a symlink is refused). Errors: the open's errno (ELOOP for a
-  /// symlink), snapshot_truncated, snapshot_bad_magic, snapshot_unsupported,
-  /// snapshot_corrupt (checksum or structure), snapshot_too_large (a cap).
+  /// Opens `path` with O_NOFOLLOW (a symlink as its last component is refused). Errors: the
+  /// open's errno (ELOOP for a symlink), file_not_regular (a directory, FIFO, device...),
+  /// snapshot_truncated, snapshot_bad_magic, snapshot_unsupported (format version, arch, page
+  /// size, flags), snapshot_corrupt (checksum or structure), snapshot_too_large (a cap).
+  /// Sections with tags unknown to this layer are kept in info().sections for the runtime.
   static result<snapshot_file> open(const std::string& path);
 
   const snapshot_file_info& info() const noexcept { return info_; }
@@ -134,8 +144,9 @@ public:
   result<std::uint64_t> allocated_bytes() const;
   int fd() const noexcept { return fd_.get(); }
 
-  /// Checks every chunk's CRC32C over the data area (reads all data). Errors: snapshot_corrupt
-  /// naming the first bad chunk.
+  /// Checks every chunk's CRC32C over the data area (reads the extents' data; the rest is zero
+  /// to a guest and is not read). Errors: snapshot_corrupt naming the first bad chunk,
+  /// snapshot_truncated if the file shrank since open().
   result<void> verify() const;
   /// The file's data as a one-layer snapshot image mapped from this file (the image keeps its
   /// own descriptor). Re-checks the file's size first: a file that shrank since open() is
