@@ -174,6 +174,11 @@ public:
 
   const host_function* find(std::string_view name) const;
   std::size_t size() const noexcept { return functions_.size(); }
+  /// Calls `f(const host_function&)` for every registered function, in name order.
+  template <class F> void for_each(F&& f) const {
+    for (const auto& [name, fn] : functions_)
+      f(fn);
+  }
 
   /// Calls `name` with `args`: checks existence, arity and types, and turns exceptions and
   /// errors into the status the guest receives. Never throws.

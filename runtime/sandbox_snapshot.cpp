@@ -1,6 +1,8 @@
 // sandbox snapshots: capture, restore by dropping dirtied pages, and sandboxes from a snapshot.
 #include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/snapshot_file.hpp>
 #include <kiln/runtime/detail/sandbox_impl.hpp>
+#include <kiln/runtime/detail/snapshot_codec.hpp>
 
 #include <fmt/format.h>
 
@@ -63,6 +65,66 @@ std::uint64_t snapshot::memory_size() const noexcept {
 result<std::uint64_t> snapshot::stored_bytes() const {
   if (!state_) return error(errc::not_ready, "empty snapshot");
   return state_->image->data_bytes();
+}
+
+result<void> snapshot::save(const std::string& path) const {
+  if (!state_) return error(errc::not_ready, "empty snapshot");
+  memory::snapshot_file_info info;
+  info.memory_size = state_->memory_size;
+  info.guest_abi_major = KILN_ABI_VERSION_MAJOR;
+  info.guest_abi_minor = KILN_ABI_VERSION_MINOR;
+  info.sections = detail::encode_sections(*state_);
+  return memory::write_snapshot_file(path, *state_->image, info);
+}
+
+result<snapshot> snapshot::load(const std::string& path) {
+  KILN_TRY_ASSIGN(auto file, memory::snapshot_file::open(path));
+  if (file.info().guest_abi_major != KILN_ABI_VERSION_MAJOR)
+    return error(memory::memory_errc::snapshot_unsupported,
+                 fmt::format("guest ABI {} (kiln speaks {})", file.info().guest_abi_major,
+                             KILN_ABI_VERSION_MAJOR));
+  auto s = std::make_shared<detail::snapshot_state>();
+  KILN_TRY(detail::decode_sections(file.info().sections, file.info().memory_size, *s));
+  KILN_TRY_ASSIGN(s->image, file.image());
+  s->id = next_snapshot_id.fetch_add(1);
+  s->source = path;
+  return snapshot(std::move(s));
+}
+
+std::string snapshot::describe() const {
+  if (!state_) return "empty snapshot\n";
+  const auto& s = *state_;
+  std::string out;
+  auto line = [&out](const std::string& l) { out += l + "\n"; };
+  if (!s.source.empty()) line("file: " + s.source);
+  line(fmt::format("guest: {}", s.guest_path));
+  line(fmt::format("taken on: {} backend (page tables {} NX)", vcpu::to_string(s.taken_on),
+                   s.nx ? "with" : "without"));
+  line(fmt::format("memory: {} MiB, file room {} MiB; heap {:#x} +{:#x}, stack {:#x} +{:#x}",
+                   s.memory_size >> 20, s.file_room >> 20, s.layout.heap_start.value,
+                   s.layout.heap_size, s.layout.stack_bottom.value, s.stack_size));
+  line(fmt::format("stored: {} KiB of data in {} layer(s), {} extent(s)",
+                   s.image->data_bytes() / 1024, s.image->layers().size(),
+                   s.image->extents().size()));
+  line("regions:");
+  for (const auto& r : s.regions)
+    line(fmt::format("  {:<16} {:#10x} +{:#x} {}{}{}", r.name, r.start.value, r.size,
+                     memory::has(r.prot, protection::read) ? 'r' : '-',
+                     memory::has(r.prot, protection::write) ? 'w' : '-',
+                     memory::has(r.prot, protection::exec) ? 'x' : '-'));
+  line(fmt::format("protection ranges: {}", s.prot.ranges()));
+  for (const auto& f : s.files)
+    line(fmt::format("mapped file '{}': {} ({} bytes, inode {}) at {:#x}", f.name,
+                     f.identity.path, f.identity.size, f.identity.inode, f.addr.value));
+  for (const auto& f : s.host_functions)
+    line(fmt::format("host function {} ({} parameters)", f.name, f.params.size()));
+  line(fmt::format("rip {:#x}, rsp {:#x}", s.regs.rip, s.regs.rsp));
+  return out;
+}
+
+result<void> snapshot::verify(const std::string& path) {
+  KILN_TRY_ASSIGN(auto file, memory::snapshot_file::open(path));
+  return file.verify();
 }
 
 result<void> sandbox::impl::apply_protections(const memory::protection_map& from,
@@ -151,6 +213,9 @@ result<snapshot> sandbox::impl::take_snapshot() {
   s->tables = tables->save();
   for (const auto& f : files)
     s->files.push_back({f->name, f->file.identity(), f->addr, f->mapped_size});
+  functions.for_each([&](const host_function& fn) {
+    s->host_functions.push_back({fn.name, fn.params, fn.returns});
+  });
 
   // From now on RAM is a copy-on-write mapping of the new image: a restore to it drops only
   // what the guest dirties from here, and the image's pages are shared.
@@ -238,6 +303,21 @@ result<std::unique_ptr<sandbox>> sandbox::create(const snapshot& snap, host_func
   if (!snap.state_) return error(errc::not_ready, "empty snapshot");
   const detail::snapshot_state& s = *snap.state_;
   KILN_TRY_ASSIGN(auto kind, vcpu::resolve(config.backend));
+  // Host functions cannot be saved: the caller registers them again, and the guest was built
+  // against these names and signatures, so a missing or different one fails here, not at the
+  // guest's first call.
+  for (const auto& want : s.host_functions) {
+    const host_function* have = functions.find(want.name);
+    if (!have)
+      return error(errc::function_not_found,
+                   fmt::format("host function '{}' recorded in the snapshot is not registered",
+                               want.name));
+    if (have->params != want.params || have->returns != want.returns)
+      return error(errc::bad_arguments,
+                   fmt::format("host function '{}' has another signature than the snapshot "
+                               "records",
+                               want.name));
+  }
   sandbox_config c = config;
   c.guest_path = s.guest_path;
   c.memory_size = s.memory_size;

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <memory>
+#include <string>
 
 namespace kiln {
 
@@ -29,8 +30,25 @@ public:
   std::uint64_t id() const noexcept;
   /// Guest RAM size.
   std::uint64_t memory_size() const noexcept;
-  /// Bytes of RAM the image stores as data (zero pages are holes and cost nothing).
+  /// Bytes of RAM data this snapshot holds itself (zero pages are holes and cost nothing; a
+  /// snapshot of a sandbox descending from another holds only the pages that differ).
   result<std::uint64_t> stored_bytes() const;
+
+  /// Saves the snapshot to a .ksnap file (memory/snapshot_file.hpp), crash-safely: a temporary
+  /// file, fsync, rename over `path`, directory fsync; on failure an existing file is untouched.
+  /// Mapped files are recorded by path and identity, not copied; the host functions the guest
+  /// was built against by name and signature.
+  result<void> save(const std::string& path) const;
+  /// Loads a .ksnap file: everything is validated (header, sections, layout, registers) before
+  /// anything is mapped, then its data is mapped copy-on-write. Sandboxes created from the
+  /// result may restore to it at once. Errors: the memory::memory_errc snapshot_* codes, the
+  /// open's errno (ELOOP for a symlink).
+  static result<snapshot> load(const std::string& path);
+  /// A human-readable description: sizes, layout, regions, protections, files, host functions.
+  std::string describe() const;
+
+  /// Checks every data chunk's checksum of the .ksnap file at `path` (reads all of it).
+  static result<void> verify(const std::string& path);
 
 private:
   friend class sandbox;

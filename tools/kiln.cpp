@@ -62,6 +62,8 @@ int cmd_backends() {
 }
 
 struct run_options {
+  std::vector<std::string> positional; // GUEST FUNCTION ARGS..., or FUNCTION ARGS... with --snapshot
+  std::string snapshot;                // --snapshot FILE
   std::string guest;
   std::string function;
   std::vector<std::string> args;
@@ -73,7 +75,26 @@ struct run_options {
   bool stats = false;
 };
 
-int cmd_run(const run_options& o) {
+/// The host functions every CLI run offers, so guests that call the host can be tried from here.
+kiln::host_functions cli_host_functions() {
+  kiln::host_functions host;
+  host.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
+  host.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
+  host.add("host_print", [](std::string s) { fmt::print("{}\n", s); });
+  return host;
+}
+
+int cmd_run(run_options o) {
+  // Positionals: GUEST FUNCTION ARGS..., or FUNCTION ARGS... when the guest comes from a file.
+  const std::size_t need = o.snapshot.empty() ? 2 : 1;
+  if (o.positional.size() < need) {
+    fmt::print(stderr, "kiln: run needs {}\n",
+               o.snapshot.empty() ? "GUEST FUNCTION [ARGS...]" : "FUNCTION [ARGS...]");
+    return 2;
+  }
+  if (o.snapshot.empty()) o.guest = o.positional[0];
+  o.function = o.positional[need - 1];
+  o.args.assign(o.positional.begin() + static_cast<std::ptrdiff_t>(need), o.positional.end());
   kiln::sandbox_config cfg;
   cfg.guest_path = o.guest;
   auto backend = kiln::vcpu::parse_backend_choice(o.backend);
@@ -112,13 +133,17 @@ int cmd_run(const run_options& o) {
     }
     args.push_back(std::move(*v));
   }
-  // Host functions every CLI run offers, so guests that call the host can be tried from here.
-  kiln::host_functions host;
-  host.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
-  host.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
-  host.add("host_print", [](std::string s) { fmt::print("{}\n", s); });
-
-  auto sb = kiln::sandbox::create(cfg, std::move(host));
+  kiln::result<std::unique_ptr<kiln::sandbox>> sb = kiln::error{};
+  if (o.snapshot.empty()) {
+    sb = kiln::sandbox::create(cfg, cli_host_functions());
+  } else {
+    auto snap = kiln::snapshot::load(o.snapshot);
+    if (!snap) {
+      fmt::print(stderr, "kiln: cannot load {}: {}\n", o.snapshot, snap.err().message());
+      return 1;
+    }
+    sb = kiln::sandbox::create(*snap, cli_host_functions(), cfg);
+  }
   if (!sb) {
     fmt::print(stderr, "kiln: cannot create sandbox: {}\n", sb.err().message());
     return 1;
@@ -157,6 +182,63 @@ int cmd_run(const run_options& o) {
   return rc;
 }
 
+/// kiln snapshot GUEST -o FILE: boot the guest, run its init, save the state.
+int cmd_snapshot(const std::string& guest, const std::string& out, const std::string& backend,
+                 const std::string& memory, const std::vector<std::string>& map_files) {
+  kiln::sandbox_config cfg;
+  cfg.guest_path = guest;
+  auto b = kiln::vcpu::parse_backend_choice(backend);
+  auto mem = parse_size(memory);
+  if (!b || !mem) {
+    fmt::print(stderr, "kiln: bad {}\n", !b ? "backend" : "memory size");
+    return 2;
+  }
+  cfg.backend = *b;
+  cfg.memory_size = *mem;
+  for (const auto& m : map_files) {
+    const auto eq = m.rfind('=');
+    cfg.files.push_back({eq == std::string::npos ? m : m.substr(0, eq),
+                         eq == std::string::npos ? std::string() : m.substr(eq + 1), 0});
+  }
+  auto sb = kiln::sandbox::create(cfg, cli_host_functions());
+  if (!sb) {
+    fmt::print(stderr, "kiln: cannot create sandbox: {}\n", sb.err().message());
+    return 1;
+  }
+  auto snap = (*sb)->take_snapshot();
+  if (!snap) {
+    fmt::print(stderr, "kiln: snapshot failed: {}\n", snap.err().message());
+    return 1;
+  }
+  if (auto r = snap->save(out); !r) {
+    fmt::print(stderr, "kiln: cannot save {}: {}\n", out, r.err().message());
+    return 1;
+  }
+  auto stored = snap->stored_bytes();
+  fmt::print("{}: {} MiB of guest memory, {} KiB stored\n", out, snap->memory_size() >> 20,
+             stored ? *stored / 1024 : 0);
+  return 0;
+}
+
+int cmd_inspect(const std::string& path) {
+  auto snap = kiln::snapshot::load(path);
+  if (!snap) {
+    fmt::print(stderr, "kiln: {}: {}\n", path, snap.err().message());
+    return 1;
+  }
+  fmt::print("{}", snap->describe());
+  return 0;
+}
+
+int cmd_verify(const std::string& path) {
+  if (auto r = kiln::snapshot::verify(path); !r) {
+    fmt::print(stderr, "kiln: {}: {}\n", path, r.err().message());
+    return 1;
+  }
+  fmt::print("{}: every checksum matches\n", path);
+  return 0;
+}
+
 } // namespace
 
 int main(int argc, char** argv) {
@@ -166,10 +248,11 @@ int main(int argc, char** argv) {
       app.add_subcommand("backends", "List the vCPU backends and whether each is usable here");
   run_options ro;
   auto* run = app.add_subcommand("run", "Run one function of a guest and print its result");
-  run->add_option("guest", ro.guest, "Guest ELF file")->required()->check(CLI::ExistingFile);
-  run->add_option("function", ro.function, "Guest function name")->required();
-  run->add_option("args", ro.args,
-                  "Arguments: 5 (i32), 5:i64, 5:u64, 2.5 (f64), true, str:text, hex:0a0b");
+  run->add_option("items", ro.positional,
+                  "GUEST FUNCTION [ARGS...] (FUNCTION [ARGS...] with --snapshot). Arguments: 5 "
+                  "(i32), 5:i64, 5:u64, 2.5 (f64), true, str:text, hex:0a0b")
+      ->required();
+  run->add_option("--snapshot", ro.snapshot, "Start the sandbox from this .ksnap file");
   run->add_option("--backend", ro.backend,
                   "auto, kvm or emulated (default auto; KILN_BACKEND too)");
   run->add_option("--memory", ro.memory, "Guest memory size (default 16M)");
@@ -178,6 +261,20 @@ int main(int argc, char** argv) {
   run->add_option("--map-file", ro.map_files,
                   "Map a host file read-only into the guest: PATH or PATH=NAME (repeatable)");
   run->add_flag("--stats", ro.stats, "Print create time, call time, exits and memory counters to stderr");
+  std::string snap_guest, snap_out, snap_backend = "auto", snap_memory = "16M";
+  std::vector<std::string> snap_files;
+  auto* snapshot =
+      app.add_subcommand("snapshot", "Boot a guest, run its init and save the state as .ksnap");
+  snapshot->add_option("guest", snap_guest, "Guest ELF file")->required();
+  snapshot->add_option("-o,--output", snap_out, "The .ksnap file to write")->required();
+  snapshot->add_option("--backend", snap_backend, "auto, kvm or emulated");
+  snapshot->add_option("--memory", snap_memory, "Guest memory size (default 16M)");
+  snapshot->add_option("--map-file", snap_files, "Map a host file: PATH or PATH=NAME");
+  std::string inspect_path, verify_path;
+  auto* inspect = app.add_subcommand("inspect", "Describe a .ksnap file");
+  inspect->add_option("file", inspect_path, "The .ksnap file")->required();
+  auto* verify = app.add_subcommand("verify", "Check every checksum of a .ksnap file");
+  verify->add_option("file", verify_path, "The .ksnap file")->required();
   try {
     app.parse(argc, argv);
   } catch (const CLI::ParseError& e) {
@@ -185,5 +282,8 @@ int main(int argc, char** argv) {
   }
   if (*backends) return cmd_backends();
   if (*run) return cmd_run(ro);
+  if (*snapshot) return cmd_snapshot(snap_guest, snap_out, snap_backend, snap_memory, snap_files);
+  if (*inspect) return cmd_inspect(inspect_path);
+  if (*verify) return cmd_verify(verify_path);
   return 2;
 }

@@ -61,6 +61,14 @@ struct snapshot_file {
   std::uint64_t mapped_size = 0;
 };
 
+/// A host function as a snapshot records it: what the guest was built against.
+struct recorded_function {
+  std::string name;
+  std::vector<kiln_type> params;
+  kiln_type returns = KILN_TYPE_VOID;
+  bool operator==(const recorded_function&) const = default;
+};
+
 /// Everything a snapshot holds (kiln::snapshot shares it, immutable).
 struct snapshot_state {
   std::uint64_t id = 0;
@@ -77,6 +85,8 @@ struct snapshot_state {
   memory::protection_map prot;
   memory::x86_64::page_table_editor::state tables;
   std::vector<snapshot_file> files;
+  std::vector<recorded_function> host_functions;
+  std::string source; // the .ksnap it was loaded from, if any
 };
 
 } // namespace kiln::detail

@@ -8,6 +8,7 @@
 #include <unistd.h>
 
 #include <cstdlib>
+#include <filesystem>
 
 namespace {
 
@@ -85,6 +86,26 @@ TEST(cli, map_file_makes_a_host_file_visible_by_name) {
   EXPECT_EQ(missing.status, 1);
   EXPECT_NE(missing.out.find("No such file or directory"), std::string::npos) << missing.out;
   ::unlink(path);
+}
+
+TEST(cli, snapshot_inspect_verify_and_run_from_a_file) {
+  char dir[] = "/tmp/kiln-cli-snap-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string file = std::string(dir) + "/calc.ksnap";
+  auto made = run("snapshot " + calc + " -o " + file + emu);
+  EXPECT_EQ(made.status, 0) << made.out;
+  auto described = run("inspect " + file);
+  EXPECT_EQ(described.status, 0) << described.out;
+  EXPECT_NE(described.out.find("memory: 16 MiB"), std::string::npos) << described.out;
+  EXPECT_NE(described.out.find("host function host_add"), std::string::npos) << described.out;
+  auto verified = run("verify " + file);
+  EXPECT_EQ(verified.status, 0) << verified.out;
+  EXPECT_EQ(run("run --snapshot " + file + " add 2 3" + emu).out, "5\n");
+  EXPECT_EQ(run("run --snapshot " + file + " call_host str:host_add 40:i64 2:i64" + emu).out,
+            "42\n");
+  auto missing = run("run --snapshot " + std::string(dir) + "/nope.ksnap add 2 3" + emu);
+  EXPECT_EQ(missing.status, 1);
+  std::filesystem::remove_all(dir);
 }
 
 TEST(cli, bad_input_gets_a_message_not_a_crash) {
