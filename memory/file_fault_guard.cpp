@@ -19,6 +19,7 @@ struct slot {
   std::atomic<std::uintptr_t> begin{0}; // 0: free; written last on registration, first on removal
   std::atomic<std::uintptr_t> end{0};
   std::atomic<file_fault_state*> state{nullptr};
+  std::atomic<bool> writable{false};
 };
 
 std::array<slot, max_watches> slots;
@@ -51,7 +52,8 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     const std::uintptr_t page = addr & ~static_cast<std::uintptr_t>(page_size - 1);
     // SAFETY: mmap is a plain syscall (async-signal-safe in practice); MAP_FIXED replaces only
     // the one lost page of a file mapping kiln owns, with a zero page the access can finish on.
-    void* p = ::mmap(reinterpret_cast<void*>(page), page_size, PROT_READ,
+    const int prot = s.writable.load(std::memory_order_relaxed) ? PROT_READ | PROT_WRITE : PROT_READ;
+    void* p = ::mmap(reinterpret_cast<void*>(page), page_size, prot,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) break; // cannot patch it: let the previous handler decide
     std::uintptr_t none = 0;
@@ -75,7 +77,7 @@ void install() {
 } // namespace
 
 result<file_fault_watch> file_fault_watch::create(const std::byte* host, std::uint64_t len,
-                                                  file_fault_state* state) {
+                                                  file_fault_state* state, bool writable) {
   std::call_once(install_once, install);
   if (install_errno != 0)
     return error(std::error_code(install_errno, std::generic_category()), "sigaction(SIGBUS)");
@@ -85,6 +87,7 @@ result<file_fault_watch> file_fault_watch::create(const std::byte* host, std::ui
     if (s.begin.load(std::memory_order_relaxed) != 0) continue;
     s.end.store(reinterpret_cast<std::uintptr_t>(host) + len, std::memory_order_relaxed);
     s.state.store(state, std::memory_order_relaxed);
+    s.writable.store(writable, std::memory_order_relaxed);
     s.begin.store(reinterpret_cast<std::uintptr_t>(host), std::memory_order_release);
     return file_fault_watch(i);
   }

@@ -41,10 +41,12 @@ public:
   file_fault_watch(const file_fault_watch&) = delete;
   file_fault_watch& operator=(const file_fault_watch&) = delete;
 
-  /// Watches host range [host, host+len). `state` must outlive the watch. Errors: too many
-  /// watches in the process (memory_errc::too_many_ranges), sigaction failure.
+  /// Watches host range [host, host+len). `state` must outlive the watch. A lost page is
+  /// patched read-only, or read-write when `writable` (guest RAM mapped from a snapshot file,
+  /// which the emulator may write before it stops). Errors: too many watches in the process
+  /// (memory_errc::too_many_ranges), sigaction failure.
   static result<file_fault_watch> create(const std::byte* host, std::uint64_t len,
-                                         file_fault_state* state);
+                                         file_fault_state* state, bool writable = false);
 
 private:
   explicit file_fault_watch(int slot) : slot_(slot) {}

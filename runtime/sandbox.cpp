@@ -345,8 +345,8 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
   if (!std::holds_alternative<io_out>(e)) ++stats.exits_other;
   // Lost pages of a truncated mapped file come first: the emulated backend was kicked by the
   // SIGBUS handler, and on KVM the touch surfaces as a failed run.
-  if (!files.empty() && (file_faults.first_lost.load(std::memory_order_relaxed) != 0 ||
-                         !std::holds_alternative<io_out>(e)))
+  if (file_faults.first_lost.load(std::memory_order_relaxed) != 0 ||
+      (!files.empty() && !std::holds_alternative<io_out>(e)))
     if (auto lost = lost_file_pages()) return step::failed(std::move(*lost));
   return std::visit(visitor{*this, init}, e);
 }

@@ -221,6 +221,13 @@ std::optional<error> sandbox::impl::lost_file_pages() {
                                f->name, f->file.identity().path, f->file.identity().size, where));
     }
   }
+  const auto* ram = mem.host_address_for_mapping(guest_phys_addr{0});
+  const auto* lost = reinterpret_cast<const std::byte*>(host);
+  if (host != 0 && lost >= ram && lost < ram + mem.size())
+    return error(errc::memory_violation,
+                 fmt::format("the snapshot file backing guest memory was truncated: page {:#x} "
+                             "is gone{}",
+                             lost - ram, base && !base->source.empty() ? " (" + base->source + ")" : ""));
   if (host != 0) return error(errc::memory_violation, "a mapped file lost pages under the guest");
   return std::nullopt;
 }

@@ -150,6 +150,21 @@ result<void> sandbox::impl::apply_protections(const memory::protection_map& from
   return {};
 }
 
+result<void> sandbox::impl::watch_image() {
+  const auto& img = mem.image();
+  const bool from_file =
+      img && std::any_of(img->layers().begin(), img->layers().end(),
+                         [](const auto& l) { return l->base() != 0; });
+  if (!from_file) {
+    image_watch = {};
+    return {};
+  }
+  KILN_TRY_ASSIGN(image_watch, memory::file_fault_watch::create(
+                                   mem.host_address_for_mapping(guest_phys_addr{0}), mem.size(),
+                                   &file_faults, /*writable=*/true));
+  return {};
+}
+
 result<void> sandbox::impl::sync_files(const detail::snapshot_state& s) {
   // Unmap what the snapshot does not have (or has elsewhere), then map what is missing.
   for (std::size_t i = files.size(); i-- > 0;) {
@@ -220,6 +235,7 @@ result<snapshot> sandbox::impl::take_snapshot() {
   // From now on RAM is a copy-on-write mapping of the new image: a restore to it drops only
   // what the guest dirties from here, and the image's pages are shared.
   KILN_TRY(mem.back_with(image));
+  KILN_TRY(watch_image());
   KILN_TRY(apply_protections(prot, prot, /*remapped=*/true));
   base = s;
   ++stats.snapshots;
@@ -241,9 +257,13 @@ result<void> sandbox::impl::restore(const detail::snapshot_state& s) {
     if (const auto* r = mem.find(c.start); r && host_level(*r, c.to) != memory::prot_rw)
       KILN_TRY(mem.host_protect(c.start, c.size, memory::prot_rw));
   std::uint64_t pages = 0, copied = 0;
-  const bool remap = mem.image() != s.image;
+  // After lost pages of a truncated snapshot file were patched, the mapping is not the image's
+  // any more: map it afresh.
+  const bool remap = mem.image() != s.image ||
+                     file_faults.first_lost.load(std::memory_order_relaxed) != 0;
   if (remap) {
     KILN_TRY(mem.back_with(s.image));
+    KILN_TRY(watch_image());
   } else {
     KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
     for (const auto& [b, e] : dirty) {
@@ -331,6 +351,7 @@ result<std::unique_ptr<sandbox>> sandbox::create(const snapshot& snap, host_func
     KILN_TRY(mem.add_region(r));
   KILN_TRY(mem.back_with(s.image));
   auto p = std::make_unique<impl>(std::move(c), std::move(functions), std::move(mem));
+  KILN_TRY(p->watch_image());
   p->layout = s.layout;
   KILN_TRY_ASSIGN(p->cpu, vcpu::create(kind));
   const bool nx = (p->cpu->abi_features() & KILN_FEATURE_NX) != 0;

@@ -113,6 +113,8 @@ struct sandbox::impl {
   std::optional<memory::x86_64::page_table_editor> tables; // the live page tables
   memory::file_fault_state file_faults;                    // outlives the watches in `files`
   std::vector<std::unique_ptr<detail::mapped_file_slot>> files;
+  /// Watches RAM while it maps a snapshot file (.ksnap) that could be truncated under it.
+  memory::file_fault_watch image_watch;
   memory_stats mstats;
   std::uint64_t backend_calls_at_build = 0;
 
@@ -164,6 +166,8 @@ struct sandbox::impl {
   /// (host protections of every range that is not read-write are re-applied when `remapped`).
   result<void> apply_protections(const memory::protection_map& from,
                                  const memory::protection_map& to, bool remapped);
+  /// Watches RAM for lost pages when the current image has layers in a file.
+  result<void> watch_image();
   /// Makes the mapped files those of `s` (unmapping others, mapping missing ones unchanged).
   result<void> sync_files(const detail::snapshot_state& s);
   result<void> write_in(std::span<const std::byte> bytes);

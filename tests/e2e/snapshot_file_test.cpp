@@ -70,6 +70,31 @@ TEST_F(snapshot_file_e2e, save_load_round_trip_keeps_state_and_identity) {
   EXPECT_NE(loaded->describe().find("memory: 64 MiB"), std::string::npos) << loaded->describe();
 }
 
+TEST_F(snapshot_file_e2e, a_snapshot_file_truncated_under_a_sandbox_fails_only_that_sandbox) {
+  auto c = config_for("memory_test");
+  c.memory_size = 32 * mib;
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  const auto h = as<std::uint64_t>((*sb)->call("heap_start"));
+  ASSERT_TRUE((*sb)->call("touch", h, 256 * page, std::int64_t{5}));
+  auto snap = (*sb)->take_snapshot();
+  ASSERT_TRUE(snap);
+  const auto file = path("shrinks.ksnap");
+  ASSERT_TRUE(snap->save(file));
+  auto loaded = snapshot::load(file);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  auto victim = sandbox::create(*loaded, {}, c);
+  ASSERT_TRUE(victim) << victim.err().message();
+  ASSERT_EQ(::truncate(file.c_str(), 8192), 0); // the data area is gone
+  auto r = (*victim)->call("sum_pages", h, 256 * page);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), errc::memory_violation) << r.err().message();
+  EXPECT_NE(r.err().message().find("snapshot file"), std::string::npos) << r.err().message();
+  EXPECT_TRUE((*victim)->poisoned());
+  // The host and the sandbox the snapshot came from carry on.
+  EXPECT_EQ(as<std::uint64_t>((*sb)->call("sum_pages", h, 256 * page)), 5u * 256);
+}
+
 TEST_F(snapshot_file_e2e, host_functions_are_checked_when_the_sandbox_is_created) {
   auto c = config_for("calc");
   host_functions fns;
