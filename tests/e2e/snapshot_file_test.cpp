@@ -3,6 +3,7 @@
 #include "backend_fixture.hpp"
 
 #include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/snapshot_file.hpp>
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -93,6 +94,31 @@ TEST_F(snapshot_file_e2e, a_snapshot_file_truncated_under_a_sandbox_fails_only_t
   EXPECT_TRUE((*victim)->poisoned());
   // The host and the sandbox the snapshot came from carry on.
   EXPECT_EQ(as<std::uint64_t>((*sb)->call("sum_pages", h, 256 * page)), 5u * 256);
+}
+
+// tests/golden/calc-v1.0.ksnap was written by format 1.0 (`kiln snapshot build/guests/calc.elf
+// --memory 4M -o ...`, emulated backend). Every later kiln must still load it: if this fails,
+// the format changed without a version bump, or a reader for 1.0 was dropped.
+TEST_F(snapshot_file_e2e, the_golden_format_1_0_file_still_loads_and_runs) {
+  // Tripwire: changing the format version means adding a golden file for the new version and
+  // keeping this one loading (or refusing it deliberately, with snapshot_unsupported).
+  EXPECT_EQ(memory::ksnap::format_major, 1u) << "new .ksnap major: add a golden file for it";
+  EXPECT_EQ(memory::ksnap::format_minor, 0u) << "new .ksnap minor: add a golden file for it";
+  const std::string golden = std::string(KILN_GOLDEN_DIR) + "/calc-v1.0.ksnap";
+  ASSERT_TRUE(snapshot::verify(golden)) << snapshot::verify(golden).err().message();
+  auto loaded = snapshot::load(golden);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  EXPECT_EQ(loaded->memory_size(), 4 * mib);
+  host_functions fns; // the ones `kiln snapshot` registered
+  fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
+  fns.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
+  fns.add("host_print", [](std::string) {});
+  auto sb = sandbox::create(*loaded, fns, config_for("calc"));
+  ASSERT_TRUE(sb) << sb.err().message();
+  EXPECT_EQ(as<std::int32_t>((*sb)->call("add", 40, 2)), 42);
+  EXPECT_EQ(as<std::int64_t>((*sb)->call("call_host", std::string("host_mul"), std::int64_t{6},
+                                         std::int64_t{7})),
+            42);
 }
 
 TEST_F(snapshot_file_e2e, host_functions_are_checked_when_the_sandbox_is_created) {
