@@ -6,7 +6,10 @@
 
 #include <fmt/format.h>
 
+#include <fcntl.h>
 #include <sys/mman.h>
+#include <sys/stat.h>
+#include <unistd.h>
 
 #include <algorithm>
 #include <chrono>
@@ -55,6 +58,51 @@ double memcpy_us(std::uint64_t bytes, int runs) {
   return median(t);
 }
 
+/// Saves a sandbox whose guest wrote one eighth of its memory, loads it back and creates a
+/// sandbox from it; beside a plain write + fsync of the same number of bytes (same run).
+void file_bench(kiln::sandbox& s, std::uint64_t heap, std::uint64_t memory) {
+  const std::uint64_t pages = memory / page / 8;
+  call<std::monostate>(s, "touch", heap, pages * page, std::int64_t{42});
+  auto snap = s.take_snapshot();
+  if (!snap) std::exit(1);
+  const std::string path = "/tmp/kiln-snapshot-bench.ksnap";
+  auto t0 = clock_type::now();
+  if (auto r = snap->save(path); !r) {
+    fmt::print(stderr, "save failed: {}\n", r.err().message());
+    std::exit(1);
+  }
+  const double save_ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+  t0 = clock_type::now();
+  auto loaded = kiln::snapshot::load(path);
+  if (!loaded) std::exit(1);
+  auto sb = kiln::sandbox::create(*loaded, {}, {});
+  if (!sb) {
+    fmt::print(stderr, "create from file failed: {}\n", sb.err().message());
+    std::exit(1);
+  }
+  call<std::int64_t>(**sb, "bump");
+  const double load_ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+  struct stat st {};
+  ::stat(path.c_str(), &st);
+  const auto data = *snap->stored_bytes();
+  // Baseline: the same number of bytes written to a plain file and fsync'ed.
+  std::vector<char> buf(data, 7);
+  t0 = clock_type::now();
+  const int fd = ::open("/tmp/kiln-snapshot-bench.raw", O_WRONLY | O_CREAT | O_TRUNC, 0600);
+  for (std::uint64_t done = 0; done < data;)
+    done += static_cast<std::uint64_t>(::write(fd, buf.data() + done, data - done));
+  ::fsync(fd);
+  ::close(fd);
+  const double raw_ms = std::chrono::duration<double, std::milli>(clock_type::now() - t0).count();
+  ::unlink("/tmp/kiln-snapshot-bench.raw");
+  ::unlink(path.c_str());
+  fmt::print("{:>5} MiB save {:.1f} ms ({:.0f} MiB/s of data; plain write+fsync of it {:.1f} ms), "
+             "load + create + first call {:.1f} ms; file {} MiB, on disk {:.1f} MiB\n",
+             memory / mib, save_ms, static_cast<double>(data) / mib / (save_ms / 1e3), raw_ms,
+             load_ms, static_cast<std::uint64_t>(st.st_size) / mib,
+             static_cast<double>(st.st_blocks) * 512 / mib);
+}
+
 void bench(kiln::vcpu::backend_kind kind, int runs, std::uint64_t max_mib) {
   fmt::print("{:>8} {:>8} {:>14} {:>12} {:>18} {:>9}\n", "memory", "dirtied", "restore us",
              "pages back", "memcpy baseline us", "ratio");
@@ -101,6 +149,7 @@ void bench(kiln::vcpu::backend_kind kind, int runs, std::uint64_t max_mib) {
     auto stored = snap->stored_bytes();
     fmt::print("{:>5} MiB snapshot taken in {:.0f} us; image stores {:.2f} MiB of data\n", mem_mib,
                snap_us, stored ? static_cast<double>(*stored) / mib : -1.0);
+    file_bench(s, heap, c.memory_size);
   }
 }
 
