@@ -407,7 +407,11 @@ void runtime_impl::start() {
   for (auto& w : workers)
     w->thread = std::thread([&ctx = w->ctx] { ctx.run(); });
   service_thread = std::thread([this] { service.run(); });
-  asio::post(service, [self = shared_from_this()] { self->tick_slices(); });
+  // Weak: a handler left in the service's queue must not keep the runtime alive (a strong one
+  // would be a cycle through the io_context it sits in, leaking its descriptors).
+  asio::post(service, [weak = weak_from_this()] {
+    if (auto self = weak.lock()) self->tick_slices();
+  });
 }
 
 // Every half slice: kick a guest that has run a whole slice. Guests run inline on their worker,
@@ -427,8 +431,8 @@ void runtime_impl::tick_slices() {
   }
   slice_timer.expires_after(
       std::max<std::chrono::microseconds>(options.time_slice / 2, std::chrono::microseconds(200)));
-  slice_timer.async_wait([self = shared_from_this()](error_code ec) {
-    if (!ec) self->tick_slices();
+  slice_timer.async_wait([weak = weak_from_this()](error_code ec) {
+    if (auto self = weak.lock(); self && !ec) self->tick_slices();
   });
 }
 
@@ -641,6 +645,13 @@ void runtime::stop() {
   rt.service_guard.reset();
   rt.service.stop();
   if (rt.service_thread.joinable()) rt.service_thread.join();
+  // The service may have stopped before it ran the timer cancellations posted above (its stop()
+  // does not wait for them): run them here, so no pending timer handler keeps a sandbox, or
+  // through it this runtime, alive.
+  rt.service.restart();
+  rt.slice_timer.cancel();
+  while (rt.service.poll() > 0) {
+  }
 }
 
 unsigned runtime::worker_count() const noexcept {

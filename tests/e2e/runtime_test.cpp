@@ -412,7 +412,15 @@ TEST_F(runtime_test, stop_leaks_no_threads_fds_or_mappings) {
   const auto maps = count_lines("/proc/self/maps");
   for (int i = 0; i < 3; ++i) round();
   EXPECT_EQ(count_entries("/proc/self/task"), threads);
-  EXPECT_EQ(count_entries("/proc/self/fd"), fds);
+  EXPECT_EQ(count_entries("/proc/self/fd"), fds) << [] {
+    std::string links;
+    for (const auto& e : std::filesystem::directory_iterator("/proc/self/fd")) {
+      std::error_code ec;
+      links += e.path().filename().string() + " -> " +
+               std::filesystem::read_symlink(e.path(), ec).string() + "\n";
+    }
+    return links;
+  }();
   EXPECT_LE(count_lines("/proc/self/maps"), maps + 2);
 }
 

@@ -124,12 +124,8 @@ TEST_F(churn_stress, counters_return_to_baseline) {
 // Whole runtimes created, used and destroyed in a row: each owns threads and io_contexts (fds),
 // and every one of them must be gone once its destructor returns.
 TEST_F(churn_stress, runtimes_come_and_go) {
-  if (!run_known_bugs())
-    GTEST_SKIP() << "known bug: runtime::stop() calls service.stop() before the posted "
-                    "slice_timer cancel has run, so the pending tick_slices() wait handler (it "
-                    "holds shared_ptr<runtime_impl>) stays in the service io_context: a cycle "
-                    "that leaks the runtime (3 fds, its io_contexts); 2 of 5 runs of 2,000 "
-                    "runtimes leaked 3 and 38 here; run with KILN_STRESS_KNOWN_BUGS=1";
+  // This caught runtime::stop() leaking its runtime (3 fds) when the service stopped before
+  // the slice timer's cancellation ran: the pending wait handler held the runtime strongly.
   const std::size_t rounds = scaled(1000, 100);
   watchdog dog("runtime churn", 240s);
   auto one = [&] {
