@@ -2,6 +2,8 @@
 // its baseline measured in the same run (bookkeeping off, hand-back off, a private copy).
 //
 //   memory_bench [--sandboxes N] [--copies M] [--file-mib S]
+#include "bench_support.hpp"
+
 #include <kiln/runtime/sandbox.hpp>
 
 #include <fmt/format.h>
@@ -42,14 +44,7 @@ std::unique_ptr<kiln::sandbox> make(const kiln::sandbox_config& c) {
   return std::move(*sb);
 }
 
-template <class T> T call(kiln::sandbox& sb, std::string_view fn, auto... args) {
-  auto r = sb.call(fn, args...);
-  if (!r || !std::holds_alternative<T>(*r)) {
-    fmt::print(stderr, "{} failed: {}\n", fn, r ? kiln::to_string(*r) : r.err().message());
-    std::exit(1);
-  }
-  return std::get<T>(*r);
-}
+using kiln::bench::call;
 
 /// The process's proportional set size (kB) from /proc/self/smaps_rollup.
 std::uint64_t pss_kib() {

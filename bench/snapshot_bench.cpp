@@ -2,6 +2,8 @@
 // full-copy restore pays (a memcpy of the same memory, same run); snapshot time and size.
 //
 //   snapshot_bench [--runs N] [--max-mib M]
+#include "bench_support.hpp"
+
 #include <kiln/runtime/sandbox.hpp>
 
 #include <fmt/format.h>
@@ -29,14 +31,7 @@ double median(std::vector<double> v) {
   return v.empty() ? 0 : v[v.size() / 2];
 }
 
-template <class T> T call(kiln::sandbox& sb, std::string_view fn, auto... args) {
-  auto r = sb.call(fn, args...);
-  if (!r || !std::holds_alternative<T>(*r)) {
-    fmt::print(stderr, "{} failed: {}\n", fn, r ? kiln::to_string(*r) : r.err().message());
-    std::exit(1);
-  }
-  return std::get<T>(*r);
-}
+using kiln::bench::call;
 
 /// Median time of a memcpy of `bytes` between two pre-faulted buffers: what a restore that
 /// copies the whole memory back costs at least.

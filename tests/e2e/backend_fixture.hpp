@@ -17,6 +17,15 @@ inline vcpu::backend_kind backend_under_test() {
                                                  : vcpu::backend_kind::emulated;
 }
 
+/// The value of a call that must succeed with a T (a failure or another type fails the test
+/// and gives T{}).
+template <class T> T as(const result<value>& r) {
+  EXPECT_TRUE(r) << (r ? "" : r.err().message());
+  if (!r) return T{};
+  EXPECT_TRUE(std::holds_alternative<T>(*r)) << to_string(*r);
+  return std::holds_alternative<T>(*r) ? std::get<T>(*r) : T{};
+}
+
 inline std::string guest_path(const std::string& name) {
   return std::string(KILN_GUEST_DIR) + "/" + name + ".elf";
 }

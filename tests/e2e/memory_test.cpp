@@ -17,12 +17,6 @@ namespace {
 constexpr std::uint64_t page = 4096, mib = 1ull << 20;
 using memory::memory_errc;
 
-template <class T> T as(const result<value>& r) {
-  EXPECT_TRUE(r) << (r ? "" : r.err().message());
-  if (!r) return T{};
-  EXPECT_TRUE(std::holds_alternative<T>(*r)) << to_string(*r);
-  return std::holds_alternative<T>(*r) ? std::get<T>(*r) : T{};
-}
 
 /// A temporary directory with files of known bytes, removed at the end.
 class temp_files {

@@ -17,11 +17,6 @@ namespace {
 
 constexpr std::uint64_t page = 4096, mib = 1ull << 20;
 
-template <class T> T as(const result<value>& r) {
-  EXPECT_TRUE(r) << (r ? "" : r.err().message());
-  if (!r || !std::holds_alternative<T>(*r)) return T{};
-  return std::get<T>(*r);
-}
 
 class snapshot_file_e2e : public backend_test {
 protected:
