@@ -21,4 +21,18 @@ template <class T> T call(kiln::sandbox& sb, std::string_view fn, auto... args) 
   return std::get<T>(*r);
 }
 
+/// Runs `body(kind)` for each backend usable here, printing a heading per backend and the
+/// reason a backend is skipped.
+template <class F> void for_each_backend(F&& body) {
+  for (auto kind : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
+    const auto st = kiln::vcpu::probe(kind);
+    fmt::print("=== {} backend ===\n", kiln::vcpu::to_string(kind));
+    if (!st.usable) {
+      fmt::print("skipped: {}\n", st.reason);
+      continue;
+    }
+    body(kind);
+  }
+}
+
 } // namespace kiln::bench

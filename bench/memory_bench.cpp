@@ -207,16 +207,10 @@ int main(int argc, char** argv) {
     fmt::print(stderr, "usage: memory_bench [--sandboxes N] [--copies M] [--file-mib S]\n");
     return 2;
   }
-  for (auto kind : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
-    const auto st = kiln::vcpu::probe(kind);
-    fmt::print("=== {} backend ===\n", kiln::vcpu::to_string(kind));
-    if (!st.usable) {
-      fmt::print("skipped: {}\n", st.reason);
-      continue;
-    }
+  kiln::bench::for_each_backend([&](kiln::vcpu::backend_kind kind) {
     redundant_protection(kind);
     hand_back(kind);
     shared_file(kind, sandboxes, copies, file_mib);
-  }
+  });
   return 0;
 }

@@ -158,14 +158,8 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--max-mib")) max_mib = std::strtoull(argv[i + 1], nullptr, 10);
   }
   if (runs < 1) return 2;
-  for (auto kind : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
-    const auto st = kiln::vcpu::probe(kind);
-    fmt::print("=== {} backend ===\n", kiln::vcpu::to_string(kind));
-    if (!st.usable) {
-      fmt::print("skipped: {}\n", st.reason);
-      continue;
-    }
+  kiln::bench::for_each_backend([&](kiln::vcpu::backend_kind kind) {
     bench(kind, runs, max_mib);
-  }
+  });
   return 0;
 }

@@ -9,16 +9,12 @@
 namespace kiln::memory::x86_64 {
 namespace {
 
-constexpr std::uint64_t pte_present = pte::present, pte_write = pte::write,
-                        pte_accessed = pte::accessed, pte_dirty = pte::dirty, pte_large = pte::large,
-                        pte_nx = pte::nx;
 using pte::entries_per_table;
 using pte::gib;
 using pte::addr_mask;
-constexpr std::uint64_t upper_bits = pte::upper; // as the builder
 
 bool is_table_pointer(std::uint64_t pde) {
-  return (pde & pte_present) && !(pde & pte_large);
+  return (pde & pte::present) && !(pde & pte::large);
 }
 
 } // namespace
@@ -30,7 +26,7 @@ page_table_editor::page_table_editor(guest_memory& mem, const page_table_image& 
   // The builder's order: PML4, PDPT, then one PD per GiB, then page tables.
   std::uint64_t pds = 0;
   for (std::uint64_t g = 0; g < entries_per_table; ++g)
-    if (img.entries[entries_per_table + g] & pte_present) pds = g + 1;
+    if (img.entries[entries_per_table + g] & pte::present) pds = g + 1;
   pd_count_ = pds;
 }
 
@@ -40,9 +36,9 @@ page_table_editor::page_table_editor(guest_memory& mem, const state& s, bool use
 
 std::uint64_t page_table_editor::leaf_bits(protection p) const {
   if (p == protection::none) return 0;
-  std::uint64_t e = pte_present | pte_accessed | pte_dirty;
-  if (has(p, protection::write)) e |= pte_write;
-  if (nx_ && !has(p, protection::exec)) e |= pte_nx;
+  std::uint64_t e = pte::present | pte::accessed | pte::dirty;
+  if (has(p, protection::write)) e |= pte::write;
+  if (nx_ && !has(p, protection::exec)) e |= pte::nx;
   return e;
 }
 
@@ -77,7 +73,7 @@ result<std::uint64_t> page_table_editor::splits_needed(std::uint64_t start, std:
     KILN_TRY_ASSIGN(auto pde, read_entry(pd + ((chunk % gib) / large_page_size) * 8));
     if (is_table_pointer(pde)) return {};
     // As set() decides: a leaf or empty entry that already says `bits` is left alone.
-    const std::uint64_t have = (pde & pte_present) ? (pde & ~(pte_large | addr_mask)) : 0;
+    const std::uint64_t have = (pde & pte::present) ? (pde & ~(pte::large | addr_mask)) : 0;
     if (!bits || have != *bits) ++n;
     return {};
   };
@@ -127,7 +123,7 @@ result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::ui
     const std::uint64_t lo = std::max(start, chunk), hi = std::min(end, chunk_end);
 
     if (lo == chunk && hi == chunk_end) { // the whole chunk: one 2 MiB leaf (or nothing)
-      const std::uint64_t want = bits ? (chunk | bits | pte_large) : 0;
+      const std::uint64_t want = bits ? (chunk | bits | pte::large) : 0;
       if (is_table_pointer(pde)) free_.push_back(pde & addr_mask);
       if (pde != want) KILN_TRY(write_entry(pde_addr, want));
       continue;
@@ -142,8 +138,8 @@ result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::ui
       KILN_TRY(mem_.read(guest_phys_addr{pt_addr}, std::as_writable_bytes(std::span(pt))));
     } else {
       // Nothing to do if the leaf (or the absence of one) already says `p` for the part.
-      const bool present = (pde & pte_present) != 0;
-      const std::uint64_t have = present ? (pde & ~(pte_large | addr_mask)) : 0;
+      const bool present = (pde & pte::present) != 0;
+      const std::uint64_t have = present ? (pde & ~(pte::large | addr_mask)) : 0;
       if (have == bits) continue;
       KILN_TRY_ASSIGN(pt_addr, allocate_table());
       for (std::uint64_t i = 0; i < entries_per_table; ++i)
@@ -166,15 +162,15 @@ result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::ui
     bool uniform = true;
     for (std::uint64_t i = 0; i < entries_per_table && uniform; ++i)
       uniform = (pt[i] & ~addr_mask) == first_flags &&
-                (!(pt[i] & pte_present) ? pt[i] == 0 : (pt[i] & addr_mask) == chunk + i * page_size);
+                (!(pt[i] & pte::present) ? pt[i] == 0 : (pt[i] & addr_mask) == chunk + i * page_size);
     if (uniform) {
-      const std::uint64_t want = (pt[0] & pte_present) ? (chunk | first_flags | pte_large) : 0;
+      const std::uint64_t want = (pt[0] & pte::present) ? (chunk | first_flags | pte::large) : 0;
       KILN_TRY(write_entry(pde_addr, want));
       free_.push_back(pt_addr);
       continue;
     }
     if (dirty) KILN_TRY(mem_.write(guest_phys_addr{pt_addr}, std::as_bytes(std::span(pt))));
-    if (pde != (pt_addr | upper_bits)) KILN_TRY(write_entry(pde_addr, pt_addr | upper_bits));
+    if (pde != (pt_addr | pte::upper)) KILN_TRY(write_entry(pde_addr, pt_addr | pte::upper));
   }
   return edits_ - before;
 }

@@ -8,18 +8,15 @@
 namespace kiln::memory::x86_64 {
 namespace {
 
-constexpr std::uint64_t pte_present = pte::present, pte_write = pte::write,
-                        pte_accessed = pte::accessed, pte_dirty = pte::dirty, pte_large = pte::large,
-                        pte_nx = pte::nx;
 using pte::entries_per_table;
 using pte::gib;
 
 std::uint64_t leaf_bits(const region& r, bool use_nx) {
   // Accessed and dirty are preset: the CPU would otherwise write them into tables that live in
   // a read-only region (and, on the emulated backend, into memory it may not write).
-  std::uint64_t e = pte_present | pte_accessed | pte_dirty;
-  if (has(r.prot, protection::write)) e |= pte_write;
-  if (use_nx && !has(r.prot, protection::exec)) e |= pte_nx;
+  std::uint64_t e = pte::present | pte::accessed | pte::dirty;
+  if (has(r.prot, protection::write)) e |= pte::write;
+  if (use_nx && !has(r.prot, protection::exec)) e |= pte::nx;
   return e;
 }
 
@@ -59,7 +56,7 @@ result<page_table_image> build_identity_page_tables(const guest_memory& mem, gue
     const std::size_t pde = (2 + chunk / gib) * entries_per_table + (chunk % gib) / large_page_size;
     const region& r0 = *visible[first];
     if (r0.start.value <= chunk && r0.end().value >= chunk_end) {
-      img.entries[pde] = chunk | leaf_bits(r0, use_nx) | pte_large;
+      img.entries[pde] = chunk | leaf_bits(r0, use_nx) | pte::large;
       ++img.large_pages;
       continue;
     }
