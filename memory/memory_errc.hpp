@@ -37,6 +37,7 @@ enum class memory_errc {
   snapshot_unsupported, // another format version, architecture or page size
   snapshot_corrupt,     // a checksum or structural check failed
   snapshot_too_large,   // a size above kiln's caps
+  snapshot_parent_mismatch, // a layered file's parent is not the file it was written against
 };
 
 } // namespace kiln::memory
@@ -102,6 +103,8 @@ template <> struct kiln::errc_traits<kiln::memory::memory_errc> {
       return "snapshot file corrupt";
     case snapshot_too_large:
       return "snapshot file exceeds size limits";
+    case snapshot_parent_mismatch:
+      return "snapshot file's parent changed or does not match";
     }
     return nullptr;
   }

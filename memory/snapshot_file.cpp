@@ -15,6 +15,7 @@
 #include <bit>
 #include <cerrno>
 #include <cstring>
+#include <filesystem>
 #include <system_error>
 
 namespace kiln::memory {
@@ -260,6 +261,28 @@ result<std::vector<byte_range>> parse_extents(std::span<const std::byte> p,
   return out;
 }
 
+result<snapshot_parent> parse_parent(std::span<const std::byte> p) {
+  using enum memory_errc;
+  if (p.size() < 16) return error(snapshot_corrupt, "PARENT shorter than its fixed part");
+  snapshot_parent out;
+  out.header_crc = get<std::uint32_t>(p, 0);
+  out.meta_crc = get<std::uint32_t>(p, 4);
+  const auto len = get<std::uint64_t>(p, 8);
+  if (len == 0 || len > ksnap::max_parent_path || p.size() != 16 + len)
+    return error(snapshot_corrupt, fmt::format("PARENT path of {} bytes in {}", len, p.size()));
+  out.path.assign(reinterpret_cast<const char*>(p.data() + 16), len);
+  if (out.path.find('\0') != std::string::npos)
+    return error(snapshot_corrupt, "PARENT path has a NUL byte");
+  return out;
+}
+
+/// `path` made absolute against the working directory, lexically (no symlink is resolved).
+std::string absolute_path(const std::string& path) {
+  std::error_code ec;
+  auto p = std::filesystem::absolute(path, ec);
+  return (ec ? std::filesystem::path(path) : p).lexically_normal().string();
+}
+
 /// Fills `id` from getrandom().
 result<void> random_id(std::array<std::uint8_t, 16>& id) {
   for (std::size_t got = 0; got < id.size();) {
@@ -303,13 +326,25 @@ result<void> persist(const std::string& path, const ksnap::header& h, const head
 } // namespace
 
 result<void> write_snapshot_file(const std::string& path, const snapshot_image& image,
-                                 const snapshot_file_info& info) {
+                                 const snapshot_file_info& info, std::size_t base_layers) {
   const std::uint64_t memory_size = image.size();
   if (info.memory_size != 0 && info.memory_size != memory_size)
     return invalid("snapshot info's memory size differs from the image's");
   if (memory_size == 0 || !is_aligned(memory_size, page_size))
     return invalid("snapshot memory size is zero or not page-aligned");
   if (memory_size > ksnap::max_memory) return error(memory_errc::snapshot_too_large, "memory size");
+  if (info.parent.has_value() != (base_layers != 0) || base_layers > image.layers().size())
+    return invalid("a layered snapshot file needs both a parent and the layers it provides");
+  std::vector<std::byte> parent_payload;
+  if (info.parent) {
+    const auto& p = info.parent->path;
+    if (p.empty() || p.size() > ksnap::max_parent_path || p.find('\0') != std::string::npos)
+      return invalid("snapshot parent path empty, too long or with a NUL byte");
+    put_u32(parent_payload, info.parent->header_crc);
+    put_u32(parent_payload, info.parent->meta_crc);
+    put_u64(parent_payload, p.size());
+    put(parent_payload, p.data(), p.size());
+  }
 
   std::vector<const snapshot_section*> sections;
   for (const auto& s : info.sections)
@@ -318,16 +353,18 @@ result<void> write_snapshot_file(const std::string& path, const snapshot_image& 
             [](const auto* a, const auto* b) { return a->tag < b->tag; });
   for (std::size_t i = 0; i < sections.size(); ++i)
     if (static_cast<std::uint32_t>(sections[i]->tag) <=
-            static_cast<std::uint32_t>(ksnap::tag::chunks) ||
+            static_cast<std::uint32_t>(ksnap::tag::parent) ||
         (i > 0 && sections[i]->tag == sections[i - 1]->tag))
       return invalid("snapshot section tag reserved or repeated");
   if (sections.size() + 2 > ksnap::max_sections)
     return error(memory_errc::snapshot_too_large, "section count");
 
-  // The guest's view: each image extent from its layer, merged where they touch.
+  // What this file holds: each image extent from its layer (those of the layers the parent
+  // provides left out), merged where they touch.
   std::vector<source> sources;
   std::vector<byte_range> extents;
   for (const auto& e : image.extents()) {
+    if (e.layer < base_layers) continue;
     if (e.lo >= e.hi || e.hi > memory_size || !is_aligned(e.lo, page_size) ||
         !is_aligned(e.hi, page_size) || (!sources.empty() && e.lo < sources.back().hi))
       return invalid("snapshot image extent empty, unaligned, unsorted or outside memory");
@@ -344,6 +381,7 @@ result<void> write_snapshot_file(const std::string& path, const snapshot_image& 
   // is capped (extents, chunks, section count), so only the caller's payloads need a check.
   std::uint64_t meta_size = section_header_size + 8 + 16 * extents.size() + section_header_size +
                             align_up(4 * chunk_count_for(memory_size), 8) + sizeof(std::uint32_t);
+  if (info.parent) meta_size += section_header_size + align_up(parent_payload.size(), 8);
   for (const auto* s : sections) {
     if (s->payload.size() > ksnap::max_meta)
       return error(memory_errc::snapshot_too_large, "section size");
@@ -361,6 +399,7 @@ result<void> write_snapshot_file(const std::string& path, const snapshot_image& 
   }
   put_section(meta, ksnap::tag::extents, payload);
   put_section(meta, ksnap::tag::chunks, std::as_bytes(std::span(crcs)));
+  if (info.parent) put_section(meta, ksnap::tag::parent, parent_payload);
   for (const auto* s : sections)
     put_section(meta, s->tag, s->payload);
   put_u32(meta, crc32c(0, meta));
@@ -381,7 +420,7 @@ result<void> write_snapshot_file(const std::string& path, const snapshot_image& 
   h.chunk_size = ksnap::chunk_size;
   h.chunk_count = crcs.size();
   h.id = info.id;
-  h.parent_id = info.parent_id;
+  if (info.parent) h.parent_id = info.parent->id;
   if (h.id == std::array<std::uint8_t, 16>{}) KILN_TRY(random_id(h.id));
   header_block block{};
   std::memcpy(block.data(), &h, sizeof h);
@@ -398,6 +437,7 @@ result<snapshot_file> snapshot_file::open(const std::string& path) {
   if (raw < 0) return errno_error("open snapshot file");
   snapshot_file f;
   f.fd_.reset(raw);
+  f.path_ = absolute_path(path);
   struct stat st {};
   if (::fstat(raw, &st) != 0) return errno_error("fstat snapshot file");
   if (!S_ISREG(st.st_mode)) return error(file_not_regular, "snapshot file");
@@ -418,6 +458,8 @@ result<snapshot_file> snapshot_file::open(const std::string& path) {
   const auto area = std::span<const std::byte>(meta).first(end);
   if (const std::uint32_t crc = crc32c(0, area), want = get<std::uint32_t>(meta, end); crc != want)
     return error(snapshot_corrupt, fmt::format("meta checksum {:#x}, computed {:#x}", want, crc));
+  f.header_crc_ = h.header_crc;
+  f.meta_crc_ = get<std::uint32_t>(meta, end);
 
   bool have_extents = false, have_chunks = false;
   std::uint64_t count = 0;
@@ -451,6 +493,9 @@ result<snapshot_file> snapshot_file::open(const std::string& path) {
       f.chunk_crcs_.resize(h.chunk_count);
       std::memcpy(f.chunk_crcs_.data(), payload.data(), len);
       have_chunks = true;
+    } else if (tag == static_cast<std::uint32_t>(ksnap::tag::parent)) {
+      KILN_TRY_ASSIGN(f.info_.parent, parse_parent(payload));
+      f.info_.parent->id = h.parent_id;
     } else {
       // Opaque here, tags unknown to this layer included: the runtime judges them.
       f.info_.sections.push_back(
@@ -461,12 +506,13 @@ result<snapshot_file> snapshot_file::open(const std::string& path) {
   }
   if (!have_extents || !have_chunks)
     return error(snapshot_corrupt, "EXTENTS or CHUNKS section missing");
+  if (f.info_.parent.has_value() != (h.parent_id != std::array<std::uint8_t, 16>{}))
+    return error(snapshot_corrupt, "a parent id without a PARENT section, or the reverse");
 
   f.info_.memory_size = h.memory_size;
   f.info_.guest_abi_major = h.guest_abi_major;
   f.info_.guest_abi_minor = h.guest_abi_minor;
   f.info_.id = h.id;
-  f.info_.parent_id = h.parent_id;
   f.data_offset_ = h.data_offset;
   f.file_size_ = h.file_size;
   return f;
@@ -493,16 +539,89 @@ result<void> snapshot_file::verify() const {
   return {};
 }
 
-result<std::shared_ptr<const snapshot_image>> snapshot_file::image() const {
+result<file_layer_source> snapshot_file::layer() const {
   struct stat st {};
   if (::fstat(fd_.get(), &st) != 0) return errno_error("fstat snapshot file");
   // Mapping past the end would fault (SIGBUS) on the guest's first touch: refuse now.
   if (static_cast<std::uint64_t>(st.st_size) < file_size_)
     return error(memory_errc::snapshot_truncated,
-                 fmt::format("{} bytes, {} when opened", st.st_size, file_size_));
+                 fmt::format("{}: {} bytes, {} when opened", path_, st.st_size, file_size_));
   unique_fd dup(::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0));
   if (!dup) return errno_error("dup snapshot file");
-  return snapshot_image::from_file(std::move(dup), data_offset_, info_.memory_size, extents_);
+  return file_layer_source{std::move(dup), data_offset_, extents_,
+                           layer_file{path_, info_.id, header_crc_, meta_crc_}};
+}
+
+result<std::shared_ptr<const snapshot_image>> snapshot_file::image() const {
+  KILN_TRY_ASSIGN(auto l, layer());
+  std::vector<file_layer_source> one;
+  one.push_back(std::move(l));
+  return snapshot_image::from_files(std::move(one), info_.memory_size);
+}
+
+// ---- chains -------------------------------------------------------------------------------------
+
+namespace {
+
+/// A parent's path as stored in `child_path`'s PARENT section, made absolute.
+std::string resolve_parent(const std::string& child_path, const std::string& stored) {
+  const std::filesystem::path p(stored);
+  if (p.is_absolute()) return p.lexically_normal().string();
+  return (std::filesystem::path(child_path).parent_path() / p).lexically_normal().string();
+}
+
+} // namespace
+
+result<snapshot_chain> snapshot_chain::open(const std::string& path) {
+  using enum memory_errc;
+  KILN_TRY_ASSIGN(auto top, snapshot_file::open(path));
+  std::vector<snapshot_file> newest_first;
+  newest_first.push_back(std::move(top));
+  while (newest_first.back().info().parent) {
+    const snapshot_file& child = newest_first.back();
+    const snapshot_parent& want = *child.info().parent;
+    if (newest_first.size() >= ksnap::max_chain)
+      return error(snapshot_too_large, fmt::format("{}: a chain of more than {} files",
+                                                   newest_first.front().path(), ksnap::max_chain));
+    const std::string parent_path = resolve_parent(child.path(), want.path);
+    auto parent = snapshot_file::open(parent_path);
+    if (!parent)
+      return error(parent.err().code, fmt::format("parent {} of {}: {}", parent_path,
+                                                  child.path(), parent.err().message()));
+    const auto& pi = parent->info();
+    if (pi.id != want.id || parent->header_crc() != want.header_crc ||
+        parent->meta_crc() != want.meta_crc)
+      return error(snapshot_parent_mismatch,
+                   fmt::format("{} is not the parent {} was written against (another id or "
+                               "checksum: rewritten since?)",
+                               parent_path, child.path()));
+    if (pi.memory_size != child.info().memory_size ||
+        pi.guest_abi_major != child.info().guest_abi_major)
+      return error(snapshot_parent_mismatch,
+                   fmt::format("parent {} has another memory size or guest ABI than {}",
+                               parent_path, child.path()));
+    newest_first.push_back(std::move(*parent));
+  }
+  snapshot_chain c;
+  for (std::size_t i = newest_first.size(); i-- > 0;)
+    c.files_.push_back(std::move(newest_first[i]));
+  return c;
+}
+
+result<void> snapshot_chain::verify() const {
+  for (const auto& f : files_)
+    if (auto r = f.verify(); !r)
+      return error(r.err().code, fmt::format("{}: {}", f.path(), r.err().message()));
+  return {};
+}
+
+result<std::shared_ptr<const snapshot_image>> snapshot_chain::image() const {
+  std::vector<file_layer_source> layers;
+  for (const auto& f : files_) {
+    KILN_TRY_ASSIGN(auto l, f.layer());
+    layers.push_back(std::move(l));
+  }
+  return snapshot_image::from_files(std::move(layers), top().info().memory_size);
 }
 
 } // namespace kiln::memory

@@ -146,16 +146,26 @@ result<void> write_zeros(int fd, std::uint64_t off, std::uint64_t len) {
 
 } // namespace
 
-std::shared_ptr<const snapshot_image> snapshot_image::from_file(
-    unique_fd fd, std::uint64_t base, std::uint64_t size, const std::vector<byte_range>& extents) {
-  auto layer = std::shared_ptr<snapshot_layer>(new snapshot_layer(std::move(fd), base));
-  for (const auto& [b, e] : extents)
-    layer->data_bytes_ += e - b;
+std::shared_ptr<const snapshot_image> snapshot_image::from_files(
+    std::vector<file_layer_source> files, std::uint64_t size) {
   auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
   img->size_ = size;
-  img->layers_.push_back(std::move(layer));
-  img->extents_ = overlay({}, extents, 0);
+  for (auto& f : files) {
+    auto layer = std::shared_ptr<snapshot_layer>(new snapshot_layer(std::move(f.fd), f.base));
+    for (const auto& [b, e] : f.extents)
+      layer->data_bytes_ += e - b;
+    layer->file_ = std::move(f.file);
+    img->extents_ =
+        overlay(img->extents_, f.extents, static_cast<std::uint32_t>(img->layers_.size()));
+    img->layers_.push_back(std::move(layer));
+  }
   return img;
+}
+
+std::size_t snapshot_image::file_layers() const noexcept {
+  std::size_t n = 0;
+  while (n < layers_.size() && layers_[n]->file_) ++n;
+  return n;
 }
 
 std::uint64_t snapshot_image::total_data_bytes() const noexcept {
@@ -235,6 +245,11 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
         const ssize_t n = ::copy_file_range(from, &in, fd, &out,
                                             static_cast<std::size_t>(in_end - in), 0);
         if (n < 0 && errno == EINTR) continue;
+        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP)) {
+          // A .ksnap layer on another file system than the memfd: through user space.
+          KILN_TRY(copy_nonzero(from_layer, static_cast<std::uint64_t>(out), ext.hi, fd));
+          break;
+        }
         if (n <= 0) return errno_error("copy_file_range snapshot image");
       }
     }

@@ -4,9 +4,12 @@
 #include <kiln/support/result.hpp>
 #include <kiln/support/unique_fd.hpp>
 
+#include <array>
 #include <cstdint>
 #include <memory>
+#include <optional>
 #include <span>
+#include <string>
 #include <utility>
 #include <vector>
 
@@ -17,12 +20,21 @@ class guest_memory;
 /// A half-open byte range [first, second) of guest-physical addresses.
 using byte_range = std::pair<std::uint64_t, std::uint64_t>;
 
+/// The .ksnap file a layer was mapped from: what a layered file names as its parent.
+struct layer_file {
+  std::string path; // absolute (lexically: symlinks in directories are not resolved)
+  std::array<std::uint8_t, 16> id{};
+  std::uint32_t header_crc = 0, meta_crc = 0;
+};
+
 /// One layer of a snapshot image: an anonymous memory file (memfd) of the RAM's size holding
-/// some pages at their guest-physical offsets, holes elsewhere. Immutable once captured (only
-/// kiln holds the descriptor; its size is sealed).
+/// some pages at their guest-physical offsets, holes elsewhere, or the data area of a .ksnap
+/// file. Immutable once captured (only kiln holds the descriptor; a memfd's size is sealed).
 class snapshot_layer {
 public:
   int fd() const noexcept { return fd_.get(); }
+  /// The .ksnap file this layer is mapped from; empty for a memfd.
+  const std::optional<layer_file>& file() const noexcept { return file_; }
   /// File offset of guest-physical address 0 (0 for a memfd; the data offset for a .ksnap).
   std::uint64_t base() const noexcept { return base_; }
   /// Bytes of data the layer was captured with (its SEEK_DATA extents then).
@@ -34,6 +46,15 @@ private:
   unique_fd fd_;
   std::uint64_t base_ = 0;
   std::uint64_t data_bytes_ = 0;
+  std::optional<layer_file> file_;
+};
+
+/// A layer to build an image from: a .ksnap file's data area.
+struct file_layer_source {
+  unique_fd fd;
+  std::uint64_t base = 0;            // file offset of guest-physical address 0
+  std::vector<byte_range> extents;   // what the layer provides (sorted, disjoint, validated)
+  layer_file file;
 };
 
 /// Which layer provides the bytes of [lo, hi) (an index into snapshot_image::layers()).
@@ -70,12 +91,14 @@ public:
       const guest_memory& mem, std::span<const byte_range> zeroed,
       std::span<const byte_range> unreadable);
 
-  /// A one-layer image whose data is `fd` at file offset `base` + guest-physical address (a
-  /// .ksnap file's data area), holding `extents` (sorted, disjoint, page-aligned, within `size`;
-  /// the caller validated them).
-  static std::shared_ptr<const snapshot_image> from_file(unique_fd fd, std::uint64_t base,
-                                                         std::uint64_t size,
-                                                         const std::vector<byte_range>& extents);
+  /// An image with one layer per .ksnap file of a chain, oldest first: each file's data is its
+  /// fd at file offset `base` + guest-physical address, and provides its `extents` (sorted,
+  /// disjoint, page-aligned, within `size`; the caller validated them) over the files below.
+  static std::shared_ptr<const snapshot_image> from_files(std::vector<file_layer_source> files,
+                                                          std::uint64_t size);
+  /// The number of bottom layers mapped from .ksnap files (a loaded chain; 0 after flattening):
+  /// the top one of them is the file a layered save names as its parent.
+  std::size_t file_layers() const noexcept;
 
   std::uint64_t size() const noexcept { return size_; }
   const std::vector<std::shared_ptr<const snapshot_layer>>& layers() const noexcept {

@@ -21,6 +21,10 @@
 
 namespace kiln {
 
+namespace detail {
+struct sandbox_access;
+} // namespace detail
+
 /// A host file to map read-only into a sandbox.
 struct file_mapping {
   std::string path;
@@ -215,6 +219,7 @@ public:
 
 private:
   struct impl;
+  friend struct detail::sandbox_access;
   explicit sandbox(std::unique_ptr<impl> p);
   std::unique_ptr<impl> impl_;
 };

@@ -11,6 +11,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <filesystem>
 
 namespace kiln {
 
@@ -56,6 +57,41 @@ vcpu::special_registers for_backend(vcpu::special_registers s, bool nx) {
   return s;
 }
 
+/// Whether two descriptors or paths name one file.
+bool same_file(const struct stat& a, const struct stat& b) {
+  return a.st_dev == b.st_dev && a.st_ino == b.st_ino;
+}
+
+/// How many bottom layers of `image` a layered save to `target` can leave to their files: the
+/// layers mapped from files, provided the top one's path still names the file it was loaded
+/// from and `target` names none of them (a child must not replace an ancestor). 0: write all.
+std::size_t parent_layers(const memory::snapshot_image& image, const std::string& target) {
+  const std::size_t n = image.file_layers();
+  if (n == 0) return 0;
+  const auto& layers = image.layers();
+  struct stat parent_now {}, parent_loaded {};
+  if (::stat(layers[n - 1]->file()->path.c_str(), &parent_now) != 0 ||
+      ::fstat(layers[n - 1]->fd(), &parent_loaded) != 0 || !same_file(parent_now, parent_loaded))
+    return 0;
+  struct stat t {};
+  if (::stat(target.c_str(), &t) == 0)
+    for (std::size_t i = 0; i < n; ++i) {
+      struct stat l {};
+      if (::fstat(layers[i]->fd(), &l) != 0 || same_file(l, t)) return 0;
+    }
+  return n;
+}
+
+/// The parent's path as a child at `child` records it: its file name when both lie in one
+/// directory (the pair can move together), else absolute.
+std::string stored_parent_path(const std::string& parent, const std::string& child) {
+  namespace fs = std::filesystem;
+  std::error_code ec;
+  const fs::path c = fs::absolute(child, ec).lexically_normal();
+  const fs::path p(parent);
+  return !ec && c.parent_path() == p.parent_path() ? p.filename().string() : parent;
+}
+
 } // namespace
 
 std::uint64_t snapshot::id() const noexcept {
@@ -69,27 +105,43 @@ result<std::uint64_t> snapshot::stored_bytes() const {
   return state_->image->data_bytes();
 }
 
-result<void> snapshot::save(const std::string& path) const {
+std::vector<std::string> snapshot::files() const {
+  std::vector<std::string> out;
+  if (!state_) return out;
+  const auto& layers = state_->image->layers();
+  for (std::size_t i = 0; i < state_->image->file_layers(); ++i)
+    out.push_back(layers[i]->file()->path);
+  return out;
+}
+
+result<void> snapshot::save(const std::string& path, const save_options& options) const {
   if (!state_) return error(errc::not_ready, "empty snapshot");
   memory::snapshot_file_info info;
   info.memory_size = state_->memory_size;
   info.guest_abi_major = KILN_ABI_VERSION_MAJOR;
   info.guest_abi_minor = KILN_ABI_VERSION_MINOR;
   info.sections = detail::encode_sections(*state_);
-  return memory::write_snapshot_file(path, *state_->image, info);
+  const std::size_t base = options.layered ? parent_layers(*state_->image, path) : 0;
+  if (base != 0) {
+    const memory::layer_file& parent = *state_->image->layers()[base - 1]->file();
+    info.parent = memory::snapshot_parent{stored_parent_path(parent.path, path), parent.id,
+                                          parent.header_crc, parent.meta_crc};
+  }
+  return memory::write_snapshot_file(path, *state_->image, info, base);
 }
 
 result<snapshot> snapshot::load(const std::string& path) {
-  KILN_TRY_ASSIGN(auto file, memory::snapshot_file::open(path));
-  if (file.info().guest_abi_major != KILN_ABI_VERSION_MAJOR)
+  KILN_TRY_ASSIGN(auto chain, memory::snapshot_chain::open(path));
+  const auto& top = chain.top();
+  if (top.info().guest_abi_major != KILN_ABI_VERSION_MAJOR)
     return error(memory::memory_errc::snapshot_unsupported,
-                 fmt::format("guest ABI {} (kiln speaks {})", file.info().guest_abi_major,
+                 fmt::format("guest ABI {} (kiln speaks {})", top.info().guest_abi_major,
                              KILN_ABI_VERSION_MAJOR));
   auto s = std::make_shared<detail::snapshot_state>();
-  KILN_TRY(detail::decode_sections(file.info().sections, file.info().memory_size, *s));
-  KILN_TRY_ASSIGN(s->image, file.image());
+  KILN_TRY(detail::decode_sections(top.info().sections, top.info().memory_size, *s));
+  KILN_TRY_ASSIGN(s->image, chain.image());
   s->id = next_snapshot_id.fetch_add(1);
-  s->source = path;
+  s->source = top.path();
   return snapshot(std::move(s));
 }
 
@@ -108,6 +160,11 @@ std::string snapshot::describe() const {
   line(fmt::format("stored: {} KiB of data in {} layer(s), {} extent(s)",
                    s.image->data_bytes() / 1024, s.image->layers().size(),
                    s.image->extents().size()));
+  for (std::size_t i = 0; i < s.image->layers().size(); ++i) {
+    const auto& l = *s.image->layers()[i];
+    line(fmt::format("  layer {}: {} KiB, {}", i, l.data_bytes() / 1024,
+                     l.file() ? "file " + l.file()->path : std::string("in memory")));
+  }
   line("regions:");
   for (const auto& r : s.regions)
     line(fmt::format("  {:<16} {:#10x} +{:#x} {}{}{}", r.name, r.start.value, r.size,
@@ -125,8 +182,8 @@ std::string snapshot::describe() const {
 }
 
 result<void> snapshot::verify(const std::string& path) {
-  KILN_TRY_ASSIGN(auto file, memory::snapshot_file::open(path));
-  return file.verify();
+  KILN_TRY_ASSIGN(auto chain, memory::snapshot_chain::open(path));
+  return chain.verify();
 }
 
 result<void> sandbox::impl::apply_protections(const memory::protection_map& from,

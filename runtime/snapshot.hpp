@@ -6,12 +6,25 @@
 #include <cstdint>
 #include <memory>
 #include <string>
+#include <vector>
 
 namespace kiln {
 
 namespace detail {
 struct snapshot_state;
 } // namespace detail
+
+struct save_options {
+  /// Write only what differs from the .ksnap file the snapshot descends from (it was loaded from
+  /// that file, or taken in a sandbox created from or restored to a snapshot loaded from it),
+  /// and name that file as the parent: by path (relative when both lie in one directory, so
+  /// the pair can move together), id and checksums. A whole file is written instead when the
+  /// snapshot descends from no file, when its layers were flattened (past
+  /// memory::snapshot_image::max_depth layers, the cap on a file chain as well), when the
+  /// parent's path no longer names the file it was loaded from, or when `path` is that file or
+  /// one of its ancestors (a child must not replace its own parent).
+  bool layered = true;
+};
 
 /// A sandbox's memory, vCPU state (general, special and FPU/SSE registers), layout, page-table
 /// and protection bookkeeping and mapped-file references, captured between calls. Immutable and
@@ -33,21 +46,28 @@ public:
   /// Bytes of RAM data this snapshot holds itself (zero pages are holes and cost nothing; a
   /// snapshot of a sandbox descending from another holds only the pages that differ).
   result<std::uint64_t> stored_bytes() const;
+  /// The .ksnap files its memory is mapped from, oldest first (empty for a snapshot that was
+  /// never saved and loaded, or whose layers were flattened).
+  std::vector<std::string> files() const;
 
   /// Saves the snapshot to a .ksnap file (memory/snapshot_file.hpp), crash-safely: a temporary
   /// file, fsync, rename over `path`, directory fsync; on failure an existing file is untouched.
   /// Mapped files are recorded by path and identity, not copied; the host functions the guest
-  /// was built against by name and signature.
-  result<void> save(const std::string& path) const;
-  /// Loads a .ksnap file: everything is validated (header, sections, layout, registers) before
-  /// anything is mapped, then its data is mapped copy-on-write. Sandboxes created from the
-  /// result may restore to it at once. Errors: the memory::memory_errc snapshot_* codes, the
-  /// open's errno (ELOOP for a symlink).
+  /// was built against by name and signature. By default a snapshot descending from a file is
+  /// saved as a small layered file over it (see save_options).
+  result<void> save(const std::string& path, const save_options& options = {}) const;
+  /// Loads a .ksnap file and the parents a layered file names (memory::snapshot_chain): every
+  /// file is validated (header, sections, parent ids and checksums; layout and registers from
+  /// the file itself) before anything is mapped, then each file's data is mapped copy-on-write
+  /// as one layer. Sandboxes created from the result may restore to it at once. Errors: the
+  /// memory::memory_errc snapshot_* codes, the open's errno (ELOOP for a symlink, ENOENT for a
+  /// missing parent).
   static result<snapshot> load(const std::string& path);
   /// A human-readable description: sizes, layout, regions, protections, files, host functions.
   std::string describe() const;
 
-  /// Checks every data chunk's checksum of the .ksnap file at `path` (reads all of it).
+  /// Checks every data chunk's checksum of the .ksnap file at `path` and of the parents it
+  /// names (reads all of them).
   static result<void> verify(const std::string& path);
 
 private:

@@ -73,6 +73,8 @@ struct run_options {
   std::string heap = "0";
   std::vector<std::string> map_files; // PATH or PATH=NAME
   bool stats = false;
+  std::string save;       // --save FILE: snapshot after the call
+  bool save_whole = false; // --whole: never a layered file
 };
 
 /// The host functions every CLI run offers, so guests that call the host can be tried from here.
@@ -155,6 +157,20 @@ int cmd_run(run_options o) {
   else
     fmt::print(stderr, "kiln: {} failed: {}\n", o.function, r.err().message());
   std::fflush(stdout);
+  if (r && !o.save.empty()) {
+    auto snap = (*sb)->take_snapshot();
+    auto saved = snap ? snap->save(o.save, {.layered = !o.save_whole}) : kiln::result<void>(snap.err());
+    if (!saved) {
+      fmt::print(stderr, "kiln: cannot save {}: {}\n", o.save, saved.err().message());
+      return 1;
+    }
+    if (auto again = kiln::snapshot::load(o.save)) {
+      const auto files = again->files();
+      const auto stored = again->stored_bytes();
+      fmt::print(stderr, "saved {}: {} KiB stored{}\n", o.save, stored ? *stored / 1024 : 0,
+                 files.size() > 1 ? ", over " + files[files.size() - 2] : std::string());
+    }
+  }
   if (o.stats) {
     const auto s = (*sb)->stats();
     fmt::print(
@@ -261,6 +277,10 @@ int main(int argc, char** argv) {
   run->add_option("--map-file", ro.map_files,
                   "Map a host file read-only into the guest: PATH or PATH=NAME (repeatable)");
   run->add_flag("--stats", ro.stats, "Print create time, call time, exits and memory counters to stderr");
+  run->add_option("--save", ro.save,
+                  "After a successful call, save a snapshot here (with --snapshot: a small layered "
+                  "file over that one)");
+  run->add_flag("--whole", ro.save_whole, "With --save: write a whole file, never a layered one");
   std::string snap_guest, snap_out, snap_backend = "auto", snap_memory = "16M";
   std::vector<std::string> snap_files;
   auto* snapshot =

@@ -181,4 +181,11 @@ struct sandbox::impl {
   }
 };
 
+namespace detail {
+/// Reaches a sandbox's internals: for kiln's own tests and tools, not part of the API.
+struct sandbox_access {
+  static sandbox::impl& of(sandbox& sb) noexcept { return *sb.impl_; }
+};
+} // namespace detail
+
 } // namespace kiln

@@ -66,6 +66,142 @@ TEST_F(snapshot_file_e2e, save_load_round_trip_keeps_state_and_identity) {
   EXPECT_NE(loaded->describe().find("memory: 64 MiB"), std::string::npos) << loaded->describe();
 }
 
+std::uint64_t allocated(const std::string& file) {
+  struct stat st {};
+  EXPECT_EQ(::stat(file.c_str(), &st), 0) << file;
+  return static_cast<std::uint64_t>(st.st_blocks) * 512;
+}
+
+/// A 64 MiB memory_test sandbox with 8 MiB of its heap written, saved to `file`.
+void save_base(const sandbox_config& c, const std::string& file, std::uint64_t& heap) {
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  heap = as<std::uint64_t>((*sb)->call("heap_start"));
+  ASSERT_TRUE((*sb)->call("touch", heap, 2048 * page, std::int64_t{6}));
+  auto snap = (*sb)->take_snapshot();
+  ASSERT_TRUE(snap);
+  auto saved = snap->save(file);
+  ASSERT_TRUE(saved) << saved.err().message();
+}
+
+TEST_F(snapshot_file_e2e, a_layered_save_writes_only_what_changed_and_loads_over_its_parent) {
+  auto c = config_for("memory_test");
+  c.memory_size = 64 * mib;
+  std::uint64_t h = 0;
+  const auto base_file = path("base.ksnap"), child_file = path("child.ksnap");
+  ASSERT_NO_FATAL_FAILURE(save_base(c, base_file, h));
+  auto base = snapshot::load(base_file);
+  ASSERT_TRUE(base) << base.err().message();
+  auto sb = sandbox::create(*base, {}, c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  ASSERT_TRUE((*sb)->call("touch", h, 4 * page, std::int64_t{9}));
+  EXPECT_EQ(as<std::int64_t>((*sb)->call("bump")), 1);
+  auto snap = (*sb)->take_snapshot();
+  ASSERT_TRUE(snap);
+  ASSERT_TRUE(snap->save(child_file)) << snap->save(child_file).err().message();
+  // The child holds the 4 pages, the counter's page, the stack... not the parent's 8 MiB.
+  EXPECT_LT(allocated(child_file) * 20, allocated(base_file))
+      << allocated(child_file) << " vs " << allocated(base_file);
+  ASSERT_TRUE(snapshot::verify(child_file));
+
+  auto loaded = snapshot::load(child_file);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  EXPECT_EQ(loaded->files(), (std::vector<std::string>{base_file, child_file}));
+  EXPECT_NE(loaded->describe().find("layer 1"), std::string::npos) << loaded->describe();
+  auto child = sandbox::create(*loaded, {}, c);
+  ASSERT_TRUE(child) << child.err().message();
+  EXPECT_EQ(as<std::uint64_t>((*child)->call("sum_pages", h, 4 * page)), 9u * 4);
+  EXPECT_EQ(as<std::uint64_t>((*child)->call("sum_pages", h + 4 * page, 2044 * page)), 6u * 2044);
+  EXPECT_EQ(as<std::uint64_t>((*child)->call("hash_range", h, 8 * mib)),
+            as<std::uint64_t>((*sb)->call("hash_range", h, 8 * mib)))
+      << "the same memory as the sandbox it was taken in";
+  EXPECT_EQ(as<std::int64_t>((*child)->call("bump")), 2);
+  ASSERT_TRUE((*child)->restore(*loaded));
+  EXPECT_EQ(as<std::int64_t>((*child)->call("bump")), 2);
+
+  // On request, a whole file instead.
+  const auto whole = path("whole.ksnap");
+  ASSERT_TRUE(snap->save(whole, {.layered = false}));
+  auto w = snapshot::load(whole);
+  ASSERT_TRUE(w) << w.err().message();
+  EXPECT_EQ(w->files(), std::vector<std::string>{whole});
+  EXPECT_GT(allocated(whole), 8 * mib);
+}
+
+TEST_F(snapshot_file_e2e, a_child_is_never_written_over_its_own_parent) {
+  auto c = config_for("memory_test");
+  c.memory_size = 64 * mib;
+  std::uint64_t h = 0;
+  const auto base_file = path("base.ksnap");
+  ASSERT_NO_FATAL_FAILURE(save_base(c, base_file, h));
+  auto base = snapshot::load(base_file);
+  ASSERT_TRUE(base);
+  auto sb = sandbox::create(*base, {}, c);
+  ASSERT_TRUE(sb);
+  ASSERT_TRUE((*sb)->call("touch", h, page, std::int64_t{3}));
+  auto snap = (*sb)->take_snapshot();
+  ASSERT_TRUE(snap);
+  ASSERT_TRUE(snap->save(base_file)); // over the file it descends from: written whole
+  auto again = snapshot::load(base_file);
+  ASSERT_TRUE(again) << again.err().message();
+  EXPECT_EQ(again->files(), std::vector<std::string>{base_file});
+  auto sb2 = sandbox::create(*again, {}, c);
+  ASSERT_TRUE(sb2);
+  EXPECT_EQ(as<std::uint64_t>((*sb2)->call("sum_pages", h, 2048 * page)), 3u + 6u * 2047);
+}
+
+TEST_F(snapshot_file_e2e, a_child_whose_parent_is_gone_or_rewritten_is_refused_at_load) {
+  auto c = config_for("memory_test");
+  c.memory_size = 64 * mib;
+  std::uint64_t h = 0;
+  const auto base_file = path("base.ksnap"), child_file = path("child.ksnap");
+  ASSERT_NO_FATAL_FAILURE(save_base(c, base_file, h));
+  {
+    auto base = snapshot::load(base_file);
+    ASSERT_TRUE(base);
+    auto sb = sandbox::create(*base, {}, c);
+    ASSERT_TRUE(sb);
+    auto snap = (*sb)->take_snapshot();
+    ASSERT_TRUE(snap && snap->save(child_file));
+  }
+  ASSERT_TRUE(snapshot::load(child_file));
+  // Rewritten (another save of the same guest: another id).
+  ASSERT_NO_FATAL_FAILURE(save_base(c, base_file, h));
+  auto r = snapshot::load(child_file);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), memory::memory_errc::snapshot_parent_mismatch) << r.err().message();
+  EXPECT_FALSE(snapshot::verify(child_file));
+  // Gone.
+  std::filesystem::remove(base_file);
+  r = snapshot::load(child_file);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), std::errc::no_such_file_or_directory) << r.err().message();
+}
+
+TEST_F(snapshot_file_e2e, generations_of_files_layer_up_to_the_cap_then_start_whole_again) {
+  auto c = config_for("memory_test");
+  c.memory_size = 16 * mib;
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  auto first = (*sb)->take_snapshot();
+  ASSERT_TRUE(first && first->save(path("g0.ksnap")));
+  std::vector<std::size_t> depths;
+  for (int g = 1; g <= 12; ++g) {
+    auto loaded = snapshot::load(path("g" + std::to_string(g - 1) + ".ksnap"));
+    ASSERT_TRUE(loaded) << g << ": " << loaded.err().message();
+    depths.push_back(loaded->files().size());
+    auto s = sandbox::create(*loaded, {}, c);
+    ASSERT_TRUE(s) << s.err().message();
+    EXPECT_EQ(as<std::int64_t>((*s)->call("bump")), g) << "every generation sees the last";
+    auto snap = (*s)->take_snapshot();
+    ASSERT_TRUE(snap) << g << ": " << snap.err().message();
+    auto saved = snap->save(path("g" + std::to_string(g) + ".ksnap"));
+    ASSERT_TRUE(saved) << g << ": " << saved.err().message();
+  }
+  // A chain of 8 files maps as 8 layers; a snapshot over it is flattened, so written whole.
+  EXPECT_EQ(depths, (std::vector<std::size_t>{1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4}));
+}
+
 TEST_F(snapshot_file_e2e, a_snapshot_file_truncated_under_a_sandbox_fails_only_that_sandbox) {
   auto c = config_for("memory_test");
   c.memory_size = 32 * mib;
@@ -98,7 +234,7 @@ TEST_F(snapshot_file_e2e, the_golden_format_1_0_file_still_loads_and_runs) {
   // Tripwire: changing the format version means adding a golden file for the new version and
   // keeping this one loading (or refusing it deliberately, with snapshot_unsupported).
   EXPECT_EQ(memory::ksnap::format_major, 1u) << "new .ksnap major: add a golden file for it";
-  EXPECT_EQ(memory::ksnap::format_minor, 0u) << "new .ksnap minor: add a golden file for it";
+  EXPECT_EQ(memory::ksnap::format_minor, 1u) << "new .ksnap minor: add a golden file for it";
   const std::string golden = std::string(KILN_GOLDEN_DIR) + "/calc-v1.0.ksnap";
   ASSERT_TRUE(snapshot::verify(golden)) << snapshot::verify(golden).err().message();
   auto loaded = snapshot::load(golden);
@@ -114,6 +250,26 @@ TEST_F(snapshot_file_e2e, the_golden_format_1_0_file_still_loads_and_runs) {
   EXPECT_EQ(as<std::int64_t>((*sb)->call("call_host", std::string("host_mul"), std::int64_t{6},
                                          std::int64_t{7})),
             42);
+}
+
+// tests/golden/calc-v1.1.ksnap and calc-v1.1-child.ksnap were written by format 1.1 (`kiln
+// snapshot build/guests/calc.elf --memory 4M -o calc-v1.1.ksnap`, then `kiln run --snapshot
+// calc-v1.1.ksnap --save calc-v1.1-child.ksnap call_host str:host_mul 6:i64 7:i64`, emulated
+// backend): a layered file naming its parent by a relative path, id and checksums.
+TEST_F(snapshot_file_e2e, the_golden_format_1_1_layered_pair_still_loads_and_runs) {
+  const std::string golden = std::string(KILN_GOLDEN_DIR) + "/calc-v1.1-child.ksnap";
+  ASSERT_TRUE(snapshot::verify(golden)) << snapshot::verify(golden).err().message();
+  auto loaded = snapshot::load(golden);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  ASSERT_EQ(loaded->files().size(), 2u);
+  EXPECT_EQ(std::filesystem::path(loaded->files()[0]).filename(), "calc-v1.1.ksnap");
+  host_functions fns;
+  fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
+  fns.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
+  fns.add("host_print", [](std::string) {});
+  auto sb = sandbox::create(*loaded, fns, config_for("calc"));
+  ASSERT_TRUE(sb) << sb.err().message();
+  EXPECT_EQ(as<std::int32_t>((*sb)->call("add", 40, 2)), 42);
 }
 
 TEST_F(snapshot_file_e2e, host_functions_are_checked_when_the_sandbox_is_created) {

@@ -41,7 +41,7 @@ TEST(Errc, EveryVcpuErrcHasAMessage) {
 }
 
 TEST(Errc, EveryMemoryErrcHasAMessage) {
-  expect_every_enumerator_has_a_message(memory::memory_errc::snapshot_too_large);
+  expect_every_enumerator_has_a_message(memory::memory_errc::snapshot_parent_mismatch);
 }
 
 TEST(Errc, CategoriesHaveDistinctNames) {
