@@ -105,6 +105,21 @@ TEST(cli, snapshot_inspect_verify_and_run_from_a_file) {
             "42\n");
   auto missing = run("run --snapshot " + std::string(dir) + "/nope.ksnap add 2 3" + emu);
   EXPECT_EQ(missing.status, 1);
+
+  // A layered child: saved after a call, listed with its parent, loadable on its own path.
+  const std::string child = std::string(dir) + "/child.ksnap";
+  auto saved = run("run --snapshot " + file + " --save " + child + " mul 6 7" + emu);
+  EXPECT_EQ(saved.status, 0) << saved.out;
+  EXPECT_NE(saved.out.find("over " + file), std::string::npos) << saved.out;
+  auto layers = run("inspect " + child);
+  EXPECT_NE(layers.out.find("layer 0: "), std::string::npos) << layers.out;
+  EXPECT_NE(layers.out.find("layer 1: "), std::string::npos) << layers.out;
+  EXPECT_EQ(run("verify " + child).status, 0);
+  EXPECT_EQ(run("run --snapshot " + child + " add 2 3" + emu).out, "5\n");
+  std::filesystem::remove(file);
+  auto orphan = run("run --snapshot " + child + " add 2 3" + emu);
+  EXPECT_EQ(orphan.status, 1);
+  EXPECT_NE(orphan.out.find("parent"), std::string::npos) << orphan.out;
   std::filesystem::remove_all(dir);
 }
 
