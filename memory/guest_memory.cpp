@@ -169,17 +169,26 @@ result<void> guest_memory::back_with(std::shared_ptr<const snapshot_image> img) 
   return {};
 }
 
-result<std::vector<byte_range>> guest_memory::dirty_ranges() const {
-  const auto lo = reinterpret_cast<std::uintptr_t>(mapping_.data());
-  KILN_TRY_ASSIGN(auto ranges,
-                  detail::scan_pages(lo, lo + size(),
-                                     image_ ? detail::page_filter::private_
-                                            : detail::page_filter::resident));
+namespace {
+result<std::vector<byte_range>> scan_ram(const std::byte* base, std::uint64_t size,
+                                         detail::page_filter filter) {
+  const auto lo = reinterpret_cast<std::uintptr_t>(base);
+  KILN_TRY_ASSIGN(auto ranges, detail::scan_pages(lo, lo + size, filter));
   std::vector<byte_range> out;
   out.reserve(ranges.size());
   for (const auto& [b, e] : ranges)
     out.emplace_back(b - lo, e - lo);
   return out;
+}
+} // namespace
+
+result<std::vector<byte_range>> guest_memory::dirty_ranges() const {
+  return scan_ram(mapping_.data(), size(),
+                  image_ ? detail::page_filter::private_ : detail::page_filter::resident);
+}
+
+result<std::vector<byte_range>> guest_memory::resident_ranges() const {
+  return scan_ram(mapping_.data(), size(), detail::page_filter::resident);
 }
 
 result<void> guest_memory::revert(guest_phys_addr a, std::uint64_t len, bool copy) {

@@ -135,6 +135,9 @@ public:
   /// that are no longer the image's); without an image, all present pages. PAGEMAP_SCAN on
   /// Linux 6.7+ (cost proportional to the pages mapped), /proc/self/pagemap otherwise.
   result<std::vector<byte_range>> dirty_ranges() const;
+  /// RAM ranges whose pages are mapped in the host now, the image's shared pages included (what
+  /// the guest, or the host for it, has touched since RAM was mapped, plus what was prefetched).
+  result<std::vector<byte_range>> resident_ranges() const;
   /// Brings [a, a+len) of RAM back to the image's bytes: by copying them in (`copy`, the pages
   /// stay resident) or by dropping the private pages (MADV_DONTNEED; the next touch maps the
   /// image's page). Requires an image; the range must be host-writable for `copy`.

@@ -1,6 +1,7 @@
 // runtime: workers with their own io_context, a service thread for deadlines, time slices and
 // kicks, and the per-sandbox call queue that runs guests inline on their worker.
 #include <kiln/runtime/runtime.hpp>
+#include <kiln/runtime/detail/sandbox_impl.hpp>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -443,8 +444,9 @@ worker& runtime_impl::pick_worker() {
   return *best;
 }
 
-void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
-                  host_functions functions, create_handler handler) {
+void create_on_worker(
+    const std::shared_ptr<runtime_impl>& rt, create_handler handler,
+    std::function<result<std::unique_ptr<sandbox>>(runtime_impl&)> make) {
   auto ex = asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),
                          asio::execution::outstanding_work.tracked);
   auto fail = [&](error e) {
@@ -461,9 +463,9 @@ void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config
   worker& w = rt->pick_worker();
   w.sandboxes.fetch_add(1);
   rt->alive.fetch_add(1);
-  asio::post(w.ctx, [rt, &w, config = std::move(config), functions = std::move(functions),
-                     handler = std::move(handler), ex]() mutable {
-    auto sb = sandbox::create(config, std::move(functions));
+  asio::post(w.ctx, [rt, &w, make = std::move(make), handler = std::move(handler),
+                     ex]() mutable {
+    auto sb = make(*rt);
     async_sandbox result;
     error_code ec;
     if (sb && !rt->stopping.load()) {
@@ -488,6 +490,22 @@ void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config
     asio::dispatch(asio::any_completion_executor(ex),
                    [h = std::move(handler), ec, result]() mutable { std::move(h)(ec, result); });
   });
+}
+void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
+                  host_functions functions, create_handler handler) {
+  create_on_worker(rt, std::move(handler),
+                   [config = std::move(config), functions = std::move(functions)](
+                       runtime_impl&) mutable { return sandbox::create(config, std::move(functions)); });
+}
+
+void start_create_from(const std::shared_ptr<runtime_impl>& rt, snapshot snap,
+                       sandbox_config config, host_functions functions, create_handler handler) {
+  create_on_worker(rt, std::move(handler),
+                   [snap = std::move(snap), config = std::move(config),
+                    functions = std::move(functions)](runtime_impl& r) mutable {
+                     return sandbox_access::create_from_snapshot(snap, std::move(functions), config,
+                                                                 r.service.get_executor());
+                   });
 }
 
 void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,

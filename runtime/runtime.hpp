@@ -93,6 +93,11 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
 void start_destroy(const std::shared_ptr<sandbox_core>& core, destroy_handler handler);
 void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
                   host_functions functions, create_handler handler);
+void start_create_from(const std::shared_ptr<runtime_impl>& rt, snapshot snap,
+                       sandbox_config config, host_functions functions, create_handler handler);
+/// Runs `make` on the least loaded worker and completes `handler` with the sandbox it made.
+void create_on_worker(const std::shared_ptr<runtime_impl>& rt, create_handler handler,
+                      std::function<result<std::unique_ptr<sandbox>>(runtime_impl&)> make);
 } // namespace detail
 
 /// A handle to a sandbox running under a kiln::runtime. Copyable; copies name the same sandbox.
@@ -221,8 +226,9 @@ public:
 
 private:
   friend struct detail::sandbox_core;
-  friend void detail::start_create(const std::shared_ptr<detail::runtime_impl>&, sandbox_config,
-                                   host_functions, detail::create_handler);
+  friend void detail::create_on_worker(
+      const std::shared_ptr<detail::runtime_impl>&, detail::create_handler,
+      std::function<result<std::unique_ptr<sandbox>>(detail::runtime_impl&)>);
   explicit async_sandbox(std::shared_ptr<detail::sandbox_core> core) : core_(std::move(core)) {}
   std::shared_ptr<detail::sandbox_core> core_;
   std::shared_ptr<const error> create_error_;
@@ -248,6 +254,20 @@ public:
                                detail::create_handler(std::move(handler)));
         },
         token, std::move(config), std::move(functions));
+  }
+
+  /// Creates a sandbox from a snapshot (sandbox::create(snap, functions, config)) on the least
+  /// loaded worker. For a snapshot loaded from a file, the load's prefetch (config.load) is
+  /// reaped on the runtime's service thread. Completion: void(error_code, async_sandbox).
+  template <class Token>
+  auto async_create(snapshot snap, host_functions functions, sandbox_config config,
+                    Token&& token) {
+    return boost::asio::async_initiate<Token, void(error_code, async_sandbox)>(
+        [rt = impl_](auto handler, snapshot s, sandbox_config c, host_functions f) {
+          detail::start_create_from(rt, std::move(s), std::move(c), std::move(f),
+                                    detail::create_handler(std::move(handler)));
+        },
+        token, std::move(snap), std::move(config), std::move(functions));
   }
 
   /// Graceful stop: every queued or running call completes with operation_aborted (a running

@@ -376,8 +376,12 @@ result<value> sandbox::impl::run_until_ready() {
 
 sandbox::run_state sandbox::impl::resume() {
   using rs = sandbox::run_state;
+  std::uint64_t faults = 0, major = 0;
+  before_run(faults, major);
   for (;;) {
     step s = on_exit(cpu->run(), /*init=*/false);
+    if (s.kind != step::resume)
+      after_run(faults, major, s.kind == step::done || s.kind == step::fail);
     switch (s.kind) {
     case step::resume:
       continue;
@@ -504,6 +508,7 @@ vcpu::backend_kind sandbox::backend() const noexcept {
 }
 
 sandbox_stats sandbox::stats() const noexcept {
+  impl_->update_load_stats();
   sandbox_stats s = impl_->stats;
   s.vcpu = impl_->cpu->stats();
   s.memory = impl_->memory_stats_now();

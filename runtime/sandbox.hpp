@@ -45,6 +45,30 @@ struct mapped_file_info {
 };
 
 /// Plain configuration of a sandbox.
+/// How a sandbox created from a snapshot loaded from a .ksnap file brings the file's pages in.
+/// In every mode the guest's RAM is a private copy-on-write mapping of the file; what differs is
+/// when the pages come off the disk.
+enum class load_mode {
+  /// The default. The sandbox is returned at once; in the background an io_uring ring reads the
+  /// working set the file recorded (in first-touch order), then the rest, into the page cache and
+  /// pre-installs the mappings (MADV_POPULATE_READ) in bounded chunks. Nothing is written into
+  /// the guest's mapping, so pages the guest already dirtied keep its data.
+  prefetch,
+  /// Nothing is read ahead: each page is read when the guest first touches it (a page fault).
+  demand,
+  /// Every page is read and mapped before create() returns.
+  eager,
+};
+
+struct load_options {
+  load_mode mode = load_mode::prefetch;
+  /// false: do the prefetch with a worker thread (pread + madvise), as kiln does by itself when
+  /// the kernel refuses io_uring (kernel.io_uring_disabled, seccomp).
+  bool use_io_uring = true;
+  std::uint64_t chunk_bytes = 1ull << 20; // each read and populate covers at most this
+  unsigned queue_depth = 8;               // reads in flight
+};
+
 struct sandbox_config {
   std::string guest_path;                  // the guest ELF
   std::uint64_t memory_size = 16ull << 20; // multiple of 2 MiB, 4 MiB..64 GiB
@@ -69,6 +93,34 @@ struct sandbox_config {
   /// false applies every request in full even when it changes nothing; it exists to measure
   /// what the bookkeeping saves (bench/memory_bench), not for use.
   bool memory_bookkeeping = true;
+  /// For sandbox::create(snapshot, ...) from a snapshot loaded from a file.
+  load_options load;
+};
+
+/// How a sandbox created from a snapshot file was loaded (all zero for other sandboxes). Times
+/// run from the start of sandbox::create().
+struct load_stats {
+  bool from_file = false;
+  load_mode mode = load_mode::prefetch;
+  bool io_uring = false;                    // the prefetch ran on io_uring (else a thread)
+  std::chrono::nanoseconds to_start{};      // until the vCPU could run (create() returned)
+  std::chrono::nanoseconds to_first_result{}; // until the first call's result
+  std::chrono::nanoseconds to_working_set{};  // until the recorded working set was resident
+  std::chrono::nanoseconds to_everything{};   // until every page of the file was resident
+  bool working_set_resident = false, everything_resident = false;
+  std::uint64_t working_set_pages = 0; // recorded in the file
+  std::uint64_t bytes_prefetched = 0;  // read ahead (eager and prefetch)
+  /// Host page faults the guest took while the load was incomplete (for demand: always), on the
+  /// threads that ran it (getrusage RUSAGE_THREAD around each run): `major` waited for the disk.
+  std::uint64_t faults = 0, major_faults = 0;
+};
+
+/// The guest pages a sandbox touched while recording, in first-touch order: what a snapshot
+/// file stores so that loads can prefetch those pages first (snapshot::with_working_set).
+struct working_set {
+  std::uint64_t snapshot_id = 0;    // the snapshot the sandbox started from when recording began
+  std::vector<std::uint32_t> pages; // guest page numbers (address / 4096), each once
+  bool complete = true;             // false: recording stopped early, `pages` is a prefix
 };
 
 /// What a sandbox's memory bookkeeping counted after creation.
@@ -105,6 +157,7 @@ struct sandbox_stats {
   std::uint64_t last_restore_copied = 0; // ...of which by copying (the rest were dropped)
   memory_stats memory;
   vcpu::vcpu_stats vcpu;
+  load_stats load;
 };
 
 /// A guest running in its own VM (KVM) or engine (emulated).
@@ -131,9 +184,32 @@ public:
   /// protection cap and the bookkeeping switch apply; layout, files and guest come from the
   /// snapshot. The snapshot's mapped files are opened again and must be unchanged (same inode,
   /// size and modification time). The backend may differ from the one the snapshot was taken on.
+  ///
+  /// For a snapshot loaded from a file, `config.load` says how its pages come in (load_mode;
+  /// prefetch by default, run on a thread of its own here, on the runtime's service thread
+  /// under kiln::runtime), and stats().load how it went.
   static result<std::unique_ptr<sandbox>> create(const snapshot& snap,
                                                  host_functions functions = {},
                                                  const sandbox_config& config = {});
+
+  /// Blocks until a prefetch or eager load has brought every page of the file in (at once for
+  /// other sandboxes). For tests and benchmarks; a server just lets it run.
+  void wait_loaded();
+
+  // ---- Working set ---------------------------------------------------------------------------
+
+  /// Starts recording the guest pages touched from now on, in first-touch order, for a snapshot
+  /// file to prefetch (snapshot::with_working_set). The sandbox must descend from a snapshot
+  /// (created from or restored to one): the pages are that snapshot's. On the emulated backend
+  /// every first touch is recorded exactly (memory::touch_recorder: the RAM is armed PROT_NONE
+  /// and each first access is caught); on KVM the pages that became resident are appended after
+  /// each call (PAGEMAP_SCAN), in address order within a call. Recording ends at
+  /// stop_recording(), and also before a snapshot, a restore or a guest memory request (the
+  /// pages so far are kept). Errors: not_ready (during a call, not descending from a snapshot,
+  /// already recording).
+  result<void> start_recording();
+  /// Ends recording and returns the pages. Errors: not_ready (nothing was recorded).
+  result<working_set> stop_recording();
 
   // ---- Snapshots -----------------------------------------------------------------------------
 

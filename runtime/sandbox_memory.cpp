@@ -165,6 +165,7 @@ std::uint32_t sandbox::impl::serve_memory_request(const kiln_memory_request& req
 }
 
 step sandbox::impl::on_memory_request(std::uint32_t len) {
+  end_recording(); // the request may reprotect or discard armed pages
   auto req = mem.read_object<kiln_memory_request>(fixed::io_out); // one copy, then parsed
   if (!req) return step::failed(std::move(req).err());
   std::optional<error> fatal;
@@ -360,10 +361,12 @@ memory_stats sandbox::impl::memory_stats_now() const {
 // ---- public API ---------------------------------------------------------------------------------
 
 result<mapped_file_info> sandbox::map_file(const file_mapping& request) {
+  impl_->end_recording();
   return impl_->map_file(request);
 }
 
 result<void> sandbox::unmap_file(std::string_view name) {
+  impl_->end_recording();
   return impl_->unmap_file(name);
 }
 

@@ -105,6 +105,27 @@ result<std::uint64_t> snapshot::stored_bytes() const {
   return state_->image->data_bytes();
 }
 
+result<snapshot> snapshot::with_working_set(const working_set& ws) const {
+  if (!state_) return error(errc::not_ready, "empty snapshot");
+  if (ws.snapshot_id != state_->id)
+    return error(errc::bad_arguments,
+                 "the working set was recorded in a sandbox that did not start from this snapshot");
+  const std::uint64_t pages = state_->memory_size / memory::page_size;
+  std::vector<bool> seen(pages);
+  for (std::uint32_t pg : ws.pages) {
+    if (pg >= pages || seen[pg])
+      return error(errc::bad_arguments, fmt::format("working-set page {} outside memory or repeated", pg));
+    seen[pg] = true;
+  }
+  auto s = std::make_shared<detail::snapshot_state>(*state_);
+  s->working_set = ws.pages;
+  return snapshot(std::move(s));
+}
+
+std::size_t snapshot::working_set_pages() const noexcept {
+  return state_ ? state_->working_set.size() : 0;
+}
+
 std::vector<std::string> snapshot::files() const {
   std::vector<std::string> out;
   if (!state_) return out;
@@ -172,6 +193,11 @@ std::string snapshot::describe() const {
                      memory::has(r.prot, protection::write) ? 'w' : '-',
                      memory::has(r.prot, protection::exec) ? 'x' : '-'));
   line(fmt::format("protection ranges: {}", s.prot.ranges()));
+  line(s.working_set.empty()
+           ? std::string("working set: none recorded")
+           : fmt::format("working set: {} pages ({:.1f} MiB), prefetched first in that order",
+                         s.working_set.size(),
+                         static_cast<double>(s.working_set.size()) * memory::page_size / (1 << 20)));
   for (const auto& f : s.files)
     line(fmt::format("mapped file '{}': {} ({} bytes, inode {}) at {:#x}", f.name,
                      f.identity.path, f.identity.size, f.identity.inode, f.addr.value));
@@ -262,6 +288,7 @@ result<void> sandbox::impl::sync_files(const detail::snapshot_state& s) {
 
 result<snapshot> sandbox::impl::take_snapshot() {
   if (calling) return error(errc::not_ready, "snapshots are taken between calls");
+  end_recording(); // capture writes RAM to a file: no page may be armed
   if (is_poisoned) return error(errc::poisoned, poison.message());
   if (!ready) return error(errc::not_ready, "the guest is not ready");
 
@@ -313,6 +340,7 @@ result<snapshot> sandbox::impl::take_snapshot() {
 result<void> sandbox::impl::restore(const detail::snapshot_state& s) {
   const auto t0 = std::chrono::steady_clock::now();
   if (calling) return error(errc::not_ready, "restore happens between calls");
+  end_recording();
   if (s.memory_size != mem.size() || s.file_room != mem.address_limit() - mem.size() ||
       !same_ram_layout(s.regions, mem))
     return error(memory::memory_errc::out_of_bounds,
@@ -330,6 +358,7 @@ result<void> sandbox::impl::restore(const detail::snapshot_state& s) {
   const bool remap = mem.image() != s.image ||
                      file_faults.first_lost.load(std::memory_order_relaxed) != 0;
   if (remap) {
+    cancel_loading(); // the prefetch would read another image's files
     KILN_TRY(mem.back_with(s.image));
     KILN_TRY(watch_image());
   } else {
@@ -387,6 +416,12 @@ result<void> sandbox::restore(const snapshot& snap) {
 
 result<std::unique_ptr<sandbox>> sandbox::create(const snapshot& snap, host_functions functions,
                                                  const sandbox_config& config) {
+  return detail::sandbox_access::create_from_snapshot(snap, std::move(functions), config, {});
+}
+
+result<std::unique_ptr<sandbox>> detail::sandbox_access::create_from_snapshot(
+    const snapshot& snap, host_functions functions, const sandbox_config& config,
+    boost::asio::any_io_executor ex) {
   const auto t0 = std::chrono::steady_clock::now();
   if (!snap.state_) return error(errc::not_ready, "empty snapshot");
   const detail::snapshot_state& s = *snap.state_;
@@ -418,7 +453,7 @@ result<std::unique_ptr<sandbox>> sandbox::create(const snapshot& snap, host_func
   for (const auto& r : s.regions)
     KILN_TRY(mem.add_region(r));
   KILN_TRY(mem.back_with(s.image));
-  auto p = std::make_unique<impl>(std::move(c), std::move(functions), std::move(mem));
+  auto p = std::make_unique<sandbox::impl>(std::move(c), std::move(functions), std::move(mem));
   KILN_TRY(p->watch_image());
   p->layout = s.layout;
   KILN_TRY_ASSIGN(p->cpu, vcpu::create(kind));
@@ -452,9 +487,12 @@ result<std::unique_ptr<sandbox>> sandbox::create(const snapshot& snap, host_func
   KILN_TRY(p->cpu->set_registers(s.regs));
   KILN_TRY(p->cpu->set_special_registers(for_backend(s.sregs, nx)));
   KILN_TRY(p->cpu->set_fpu(s.fpu));
+  p->load_started = t0;
+  KILN_TRY(p->start_loading(s, std::move(ex)));
   p->ready = true;
   p->base = snap.state_;
   p->stats.create_time = std::chrono::steady_clock::now() - t0;
+  p->stats.load.to_start = p->stats.create_time;
   return std::unique_ptr<sandbox>(new sandbox(std::move(p)));
 }
 

@@ -12,7 +12,10 @@ namespace kiln {
 
 namespace detail {
 struct snapshot_state;
+struct sandbox_access;
 } // namespace detail
+
+struct working_set;
 
 struct save_options {
   /// Write only what differs from the .ksnap file the snapshot descends from (it was loaded from
@@ -63,8 +66,16 @@ public:
   /// memory::memory_errc snapshot_* codes, the open's errno (ELOOP for a symlink, ENOENT for a
   /// missing parent).
   static result<snapshot> load(const std::string& path);
-  /// A human-readable description: sizes, layout, regions, protections, files, host functions.
+  /// A human-readable description: sizes, layout, regions, protections, files, host functions,
+  /// working set.
   std::string describe() const;
+
+  /// This snapshot with `ws` as its working set, which save() stores and loads prefetch first.
+  /// Errors: bad_arguments (recorded in a sandbox that did not start from this snapshot, or a
+  /// page outside its memory), not_ready (empty snapshot).
+  result<snapshot> with_working_set(const working_set& ws) const;
+  /// Pages of its working set (0: none recorded).
+  std::size_t working_set_pages() const noexcept;
 
   /// Checks every data chunk's checksum of the .ksnap file at `path` and of the parents it
   /// names (reads all of them).
@@ -72,6 +83,7 @@ public:
 
 private:
   friend class sandbox;
+  friend struct detail::sandbox_access;
   explicit snapshot(std::shared_ptr<const detail::snapshot_state> s) : state_(std::move(s)) {}
   std::shared_ptr<const detail::snapshot_state> state_;
 };

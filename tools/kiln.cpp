@@ -73,6 +73,7 @@ struct run_options {
   std::string heap = "0";
   std::vector<std::string> map_files; // PATH or PATH=NAME
   bool stats = false;
+  std::string load = "prefetch"; // --load MODE with --snapshot
   std::string save;       // --save FILE: snapshot after the call
   bool save_whole = false; // --whole: never a layered file
 };
@@ -135,6 +136,16 @@ int cmd_run(run_options o) {
     }
     args.push_back(std::move(*v));
   }
+  if (o.load == "prefetch")
+    cfg.load.mode = kiln::load_mode::prefetch;
+  else if (o.load == "demand")
+    cfg.load.mode = kiln::load_mode::demand;
+  else if (o.load == "eager")
+    cfg.load.mode = kiln::load_mode::eager;
+  else {
+    fmt::print(stderr, "kiln: --load is prefetch, demand or eager, not '{}'\n", o.load);
+    return 2;
+  }
   kiln::result<std::unique_ptr<kiln::sandbox>> sb = kiln::error{};
   if (o.snapshot.empty()) {
     sb = kiln::sandbox::create(cfg, cli_host_functions());
@@ -189,6 +200,26 @@ int cmd_run(run_options o) {
                m.host_syscalls, m.backend_calls, m.page_table_edits, m.protect_requests,
                m.protect_noops, m.protect_refused, m.protection_ranges, m.page_tables,
                m.release_requests, m.released_bytes, m.files_mapped, m.files_unmapped);
+    if (const auto& l = s.load; l.from_file) {
+      (*sb)->wait_loaded();
+      const auto w = (*sb)->stats().load;
+      const char* mode = w.mode == kiln::load_mode::prefetch ? "prefetch"
+                         : w.mode == kiln::load_mode::demand ? "demand"
+                                                             : "eager";
+      auto ms = [](std::chrono::nanoseconds d) { return d.count() / 1e6; };
+      fmt::print(stderr, "load: {} ({}), working set {} pages\n", mode,
+                 w.mode == kiln::load_mode::demand ? "pages fault in"
+                 : w.io_uring                      ? "io_uring"
+                                                   : "worker thread",
+                 w.working_set_pages);
+      fmt::print(stderr, "  vCPU could start after {:.2f} ms, first result after {:.2f} ms\n",
+                 ms(w.to_start), ms(w.to_first_result));
+      if (w.working_set_resident)
+        fmt::print(stderr, "  working set resident after {:.2f} ms, everything after {:.2f} ms\n",
+                   ms(w.to_working_set), ms(w.to_everything));
+      fmt::print(stderr, "  {} KiB read ahead; {} page faults during the load ({} waited for the disk)\n",
+                 w.bytes_prefetched / 1024, w.faults, w.major_faults);
+    }
     if (auto rss = (*sb)->resident_bytes())
       fmt::print(stderr, "guest RAM resident: {} KiB\n", *rss / 1024);
     for (const auto& f : (*sb)->mapped_files())
@@ -200,7 +231,8 @@ int cmd_run(run_options o) {
 
 /// kiln snapshot GUEST -o FILE: boot the guest, run its init, save the state.
 int cmd_snapshot(const std::string& guest, const std::string& out, const std::string& backend,
-                 const std::string& memory, const std::vector<std::string>& map_files) {
+                 const std::string& memory, const std::vector<std::string>& map_files,
+                 const std::vector<std::string>& record) {
   kiln::sandbox_config cfg;
   cfg.guest_path = guest;
   auto b = kiln::vcpu::parse_backend_choice(backend);
@@ -225,6 +257,41 @@ int cmd_snapshot(const std::string& guest, const std::string& out, const std::st
   if (!snap) {
     fmt::print(stderr, "kiln: snapshot failed: {}\n", snap.err().message());
     return 1;
+  }
+  if (!record.empty()) {
+    // Run the recording call in a sandbox started from the snapshot, and keep the pages it
+    // touched as the file's working set.
+    std::vector<kiln::value> args;
+    for (std::size_t i = 1; i < record.size(); ++i) {
+      auto v = kiln::parse_value(record[i]);
+      if (!v) {
+        fmt::print(stderr, "kiln: bad argument {}\n", v.err().message());
+        return 2;
+      }
+      args.push_back(std::move(*v));
+    }
+    auto rsb = kiln::sandbox::create(*snap, cli_host_functions(), cfg);
+    if (!rsb) {
+      fmt::print(stderr, "kiln: cannot create the recording sandbox: {}\n", rsb.err().message());
+      return 1;
+    }
+    if (auto r = (*rsb)->start_recording(); !r) {
+      fmt::print(stderr, "kiln: cannot record: {}\n", r.err().message());
+      return 1;
+    }
+    if (auto r = (*rsb)->call(record[0], args); !r) {
+      fmt::print(stderr, "kiln: recording call {} failed: {}\n", record[0], r.err().message());
+      return 1;
+    }
+    auto ws = (*rsb)->stop_recording();
+    auto with = ws ? snap->with_working_set(*ws) : kiln::result<kiln::snapshot>(ws.err());
+    if (!with) {
+      fmt::print(stderr, "kiln: working set: {}\n", with.err().message());
+      return 1;
+    }
+    fmt::print("working set: {} pages recorded during {}{}\n", ws->pages.size(), record[0],
+               ws->complete ? "" : " (stopped early: a prefix)");
+    *snap = std::move(*with);
   }
   if (auto r = snap->save(out); !r) {
     fmt::print(stderr, "kiln: cannot save {}: {}\n", out, r.err().message());
@@ -277,6 +344,9 @@ int main(int argc, char** argv) {
   run->add_option("--map-file", ro.map_files,
                   "Map a host file read-only into the guest: PATH or PATH=NAME (repeatable)");
   run->add_flag("--stats", ro.stats, "Print create time, call time, exits and memory counters to stderr");
+  run->add_option("--load", ro.load,
+                  "With --snapshot: prefetch (default: start at once, io_uring reads the working set "
+                  "then the rest), demand (pages fault in) or eager (read everything first)");
   run->add_option("--save", ro.save,
                   "After a successful call, save a snapshot here (with --snapshot: a small layered "
                   "file over that one)");
@@ -290,6 +360,11 @@ int main(int argc, char** argv) {
   snapshot->add_option("--backend", snap_backend, "auto, kvm or emulated");
   snapshot->add_option("--memory", snap_memory, "Guest memory size (default 16M)");
   snapshot->add_option("--map-file", snap_files, "Map a host file: PATH or PATH=NAME");
+  std::vector<std::string> snap_record;
+  snapshot->add_option("--record", snap_record,
+                       "FUNCTION [ARGS...]: run this call from the snapshot and store the pages it "
+                       "touches as the working set a load prefetches first")
+      ->expected(1, -1);
   std::string inspect_path, verify_path;
   auto* inspect = app.add_subcommand("inspect", "Describe a .ksnap file");
   inspect->add_option("file", inspect_path, "The .ksnap file")->required();
@@ -302,7 +377,8 @@ int main(int argc, char** argv) {
   }
   if (*backends) return cmd_backends();
   if (*run) return cmd_run(ro);
-  if (*snapshot) return cmd_snapshot(snap_guest, snap_out, snap_backend, snap_memory, snap_files);
+  if (*snapshot)
+    return cmd_snapshot(snap_guest, snap_out, snap_backend, snap_memory, snap_files, snap_record);
   if (*inspect) return cmd_inspect(inspect_path);
   if (*verify) return cmd_verify(verify_path);
   return 2;

@@ -9,8 +9,11 @@
 #include <kiln/memory/host_file.hpp>
 #include <kiln/memory/layout.hpp>
 #include <kiln/memory/protection_map.hpp>
+#include <kiln/memory/touch_recorder.hpp>
 #include <kiln/memory/x86_64/page_table_editor.hpp>
 #include <kiln/runtime/sandbox.hpp>
+
+#include <boost/asio/any_io_executor.hpp>
 
 #include <chrono>
 #include <cstdio>
@@ -20,6 +23,7 @@
 #include <vector>
 
 namespace kiln::detail {
+class prefetch_driver;
 
 // What a hypercall or exit means for the call in progress.
 struct step {
@@ -86,6 +90,7 @@ struct snapshot_state {
   memory::x86_64::page_table_editor::state tables;
   std::vector<snapshot_file> files;
   std::vector<recorded_function> host_functions;
+  std::vector<std::uint32_t> working_set; // guest pages in first-touch order (may be empty)
   std::string source; // the .ksnap it was loaded from, if any
 };
 
@@ -172,6 +177,36 @@ struct sandbox::impl {
   result<void> sync_files(const detail::snapshot_state& s);
   result<void> write_in(std::span<const std::byte> bytes);
 
+  // sandbox_load.cpp: loading from a file, working-set recording. Declared after `mem`, so
+  // destroyed before it (the prefetch is cancelled before the image it reads goes).
+  struct recording {
+    std::uint64_t snapshot_id = 0;
+    memory::touch_recorder recorder;  // emulated: every first touch, in order
+    std::vector<std::uint32_t> pages; // KVM: pages found resident after each call
+    std::vector<bool> seen;
+  };
+  std::optional<recording> rec;
+  std::optional<working_set> recorded; // a recording that ended, until stop_recording()
+  std::shared_ptr<const memory::snapshot_image> prefetch_image; // keeps its files open
+  std::shared_ptr<detail::prefetch_driver> prefetcher;
+  std::chrono::steady_clock::time_point load_started, prefetch_started;
+  bool awaiting_first_result = false;
+  bool load_complete = true; // false while a file's pages are still coming in (or demand)
+
+  result<void> start_loading(const detail::snapshot_state& s, boost::asio::any_io_executor ex);
+  /// Stops a prefetch in progress (its stats are kept).
+  void cancel_loading() noexcept;
+  /// Refreshes stats.load from the prefetch.
+  void update_load_stats();
+  result<void> start_recording();
+  /// Ends a recording in progress into `recorded` (before anything that remaps or reprotects
+  /// RAM, or hands it to the kernel).
+  void end_recording() noexcept;
+  void record_resident_pages();
+  /// Around each run of the guest: fault counting, first result, KVM recording.
+  void before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept;
+  void after_run(std::uint64_t faults, std::uint64_t major, bool call_ended) noexcept;
+
   void emit_log(std::string_view line) {
     ++stats.log_lines;
     if (config.log_sink)
@@ -182,9 +217,15 @@ struct sandbox::impl {
 };
 
 namespace detail {
-/// Reaches a sandbox's internals: for kiln's own tests and tools, not part of the API.
+/// Reaches a sandbox's internals: for kiln's own tests and the runtime, not part of the API.
 struct sandbox_access {
   static sandbox::impl& of(sandbox& sb) noexcept { return *sb.impl_; }
+  /// sandbox::create(snap, ...) with the executor a prefetch is reaped on (the runtime's service
+  /// io_context); a default-constructed one gives the prefetch a thread of its own.
+  static result<std::unique_ptr<sandbox>> create_from_snapshot(const snapshot& snap,
+                                                               host_functions functions,
+                                                               const sandbox_config& config,
+                                                               boost::asio::any_io_executor ex);
 };
 } // namespace detail
 

@@ -198,6 +198,22 @@ std::vector<memory::snapshot_section> encode_sections(const snapshot_state& s) {
     }
     out.push_back({tag::host_functions, w.take()});
   }
+  if (!s.working_set.empty()) {
+    // Runs of consecutive pages in first-touch order: {u32 first page, u32 count}.
+    std::vector<std::pair<std::uint32_t, std::uint32_t>> runs;
+    for (std::uint32_t pg : s.working_set)
+      if (!runs.empty() && runs.back().first + runs.back().second == pg)
+        ++runs.back().second;
+      else
+        runs.emplace_back(pg, 1);
+    writer w;
+    w.put(static_cast<std::uint64_t>(runs.size()));
+    for (const auto& [first, count] : runs) {
+      w.put(first);
+      w.put(count);
+    }
+    out.push_back({tag::working_set, w.take()});
+  }
   return out;
 }
 
@@ -451,6 +467,26 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
         f.params.push_back(static_cast<kiln_type>(t));
       }
       s.host_functions.push_back(std::move(f));
+    }
+    KILN_TRY(r.done());
+  }
+  s.working_set.clear();
+  if (const auto* ws = find(tag::working_set)) { // optional (format 1.1)
+    reader r(ws->payload, "working_set");
+    KILN_TRY_ASSIGN(auto n, r.get<std::uint64_t>());
+    const std::uint64_t pages = memory_size / memory::page_size;
+    if (n > pages || n * 8 + 8 != ws->payload.size()) return r.bad("run count");
+    std::vector<bool> seen(pages);
+    for (std::uint64_t i = 0; i < n; ++i) {
+      KILN_TRY_ASSIGN(auto first, r.get<std::uint32_t>());
+      KILN_TRY_ASSIGN(auto count, r.get<std::uint32_t>());
+      if (count == 0 || first >= pages || count > pages - first)
+        return r.bad(fmt::format("run {} of {} pages at page {} outside memory", i, count, first));
+      for (std::uint32_t pg = first; pg < first + count; ++pg) {
+        if (seen[pg]) return r.bad(fmt::format("page {} listed twice", pg));
+        seen[pg] = true;
+        s.working_set.push_back(pg);
+      }
     }
     KILN_TRY(r.done());
   }

@@ -1,0 +1,257 @@
+// Loading a sandbox from a snapshot file (eager, demand, prefetch) and recording the working set
+// that the prefetch reads first.
+#include <kiln/memory/prefetch.hpp>
+#include <kiln/runtime/detail/prefetch_driver.hpp>
+#include <kiln/runtime/detail/sandbox_impl.hpp>
+
+#include <fmt/format.h>
+
+#include <sys/mman.h>
+#include <sys/resource.h>
+
+#include <algorithm>
+
+namespace kiln {
+
+using memory::guest_phys_addr;
+
+namespace {
+
+/// The reads a load plans: the working set's pages that a file provides, in first-touch order
+/// (consecutive pages of one file merged), then every other page the files provide, in address
+/// order. Pages the image leaves zero, or holds in memory (a memfd layer), need no read.
+struct load_plan {
+  std::vector<memory::prefetch_extent> extents;
+  std::size_t working_set_extents = 0;
+};
+
+load_plan plan_load(const memory::snapshot_image& img, const memory::guest_memory& mem,
+                    const std::vector<std::uint32_t>& working_set) {
+  load_plan plan;
+  auto push = [&](int fd, std::uint64_t offset, std::uint64_t len, std::uint64_t gpa) {
+    std::byte* host = mem.host_address_for_mapping(guest_phys_addr{gpa});
+    auto& v = plan.extents;
+    if (!v.empty() && v.back().fd == fd && v.back().offset + v.back().length == offset &&
+        v.back().host + v.back().length == host)
+      v.back().length += len;
+    else
+      v.push_back({fd, offset, len, host});
+  };
+  const std::uint64_t pages = img.size() / memory::page_size;
+  std::vector<bool> in_set(pages);
+  for (std::uint32_t pg : working_set) {
+    if (pg >= pages || in_set[pg]) continue; // checked when decoded; cheap to be sure
+    in_set[pg] = true;
+    const std::uint64_t a = std::uint64_t{pg} * memory::page_size;
+    const auto* layer = img.layer_at(a);
+    if (!layer || !layer->file()) continue;
+    push(layer->fd(), layer->base() + a, memory::page_size, a);
+  }
+  plan.working_set_extents = plan.extents.size();
+  for (const auto& e : img.extents()) {
+    const auto& layer = *img.layers()[e.layer];
+    if (!layer.file()) continue;
+    for (std::uint64_t a = e.lo; a < e.hi;) {
+      if (in_set[a / memory::page_size]) {
+        a += memory::page_size;
+        continue;
+      }
+      std::uint64_t end = a;
+      while (end < e.hi && !in_set[end / memory::page_size])
+        end += memory::page_size;
+      push(layer.fd(), layer.base() + a, end - a, a);
+      a = end;
+    }
+  }
+  return plan;
+}
+
+std::chrono::nanoseconds since(std::chrono::steady_clock::time_point t) {
+  return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t);
+}
+
+int host_prot(memory::protection p) {
+  int out = PROT_NONE;
+  if (memory::has(p, memory::protection::read)) out |= PROT_READ;
+  if (memory::has(p, memory::protection::write)) out |= PROT_WRITE;
+  return out;
+}
+
+} // namespace
+
+// ---- loading ------------------------------------------------------------------------------------
+
+result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
+                                          boost::asio::any_io_executor ex) {
+  auto& ls = stats.load;
+  ls = {};
+  if (!s.image || s.image->file_layers() == 0) return {}; // in memory already
+  const load_options& o = config.load;
+  ls.from_file = true;
+  ls.mode = o.mode;
+  ls.working_set_pages = s.working_set.size();
+  awaiting_first_result = true;
+  load_complete = false;
+  if (o.mode == load_mode::demand) return {};
+
+  const load_plan plan = plan_load(*s.image, mem, s.working_set);
+  memory::prefetch_options po;
+  po.chunk_bytes = o.chunk_bytes;
+  po.queue_depth = o.queue_depth;
+  po.force_thread = !o.use_io_uring;
+  po.working_set_extents = plan.working_set_extents;
+  prefetch_image = s.image;
+  prefetch_started = std::chrono::steady_clock::now();
+  if (o.mode == load_mode::eager) {
+    // Everything in before the guest may run, driven on this thread.
+    KILN_TRY_ASSIGN(auto p, memory::prefetch::start(plan.extents, po));
+    p->wait();
+    const auto st = p->stats();
+    if (st.failure.code) return st.failure;
+    ls.io_uring = st.used_io_uring;
+    ls.bytes_prefetched = st.bytes_read;
+    ls.to_working_set = ls.to_everything = since(load_started);
+    ls.working_set_resident = ls.everything_resident = true;
+    load_complete = true;
+    return {};
+  }
+  KILN_TRY_ASSIGN(prefetcher, detail::prefetch_driver::start(std::move(ex), plan.extents, po));
+  return {};
+}
+
+void sandbox::impl::cancel_loading() noexcept {
+  if (!prefetcher) return;
+  prefetcher->cancel();
+  update_load_stats();
+  prefetcher.reset();
+  prefetch_image.reset();
+  load_complete = true; // nothing more will come in by itself
+}
+
+void sandbox::impl::update_load_stats() {
+  if (!prefetcher) return;
+  const auto st = prefetcher->stats();
+  auto& ls = stats.load;
+  ls.io_uring = st.used_io_uring;
+  ls.bytes_prefetched = st.bytes_read;
+  const auto offset = std::chrono::duration_cast<std::chrono::nanoseconds>(prefetch_started -
+                                                                            load_started);
+  if (st.working_set_done && !ls.working_set_resident) {
+    ls.working_set_resident = true;
+    ls.to_working_set = offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.working_set_time);
+  }
+  if (st.done && !ls.everything_resident && !st.failure.code) {
+    ls.everything_resident = true;
+    ls.to_everything = offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.total_time);
+  }
+  if (st.done || st.cancelled) load_complete = true;
+}
+
+void sandbox::impl::before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept {
+  if (load_complete && stats.load.mode != load_mode::demand) return;
+  if (!stats.load.from_file) return;
+  struct rusage ru {};
+  ::getrusage(RUSAGE_THREAD, &ru);
+  faults = static_cast<std::uint64_t>(ru.ru_minflt + ru.ru_majflt);
+  major = static_cast<std::uint64_t>(ru.ru_majflt);
+}
+
+void sandbox::impl::after_run(std::uint64_t faults, std::uint64_t major, bool call_ended) noexcept {
+  auto& ls = stats.load;
+  if (ls.from_file && (!load_complete || ls.mode == load_mode::demand)) {
+    struct rusage ru {};
+    ::getrusage(RUSAGE_THREAD, &ru);
+    ls.faults += static_cast<std::uint64_t>(ru.ru_minflt + ru.ru_majflt) - faults;
+    ls.major_faults += static_cast<std::uint64_t>(ru.ru_majflt) - major;
+    if (prefetcher) update_load_stats();
+  }
+  if (!call_ended) return;
+  if (awaiting_first_result) {
+    awaiting_first_result = false;
+    ls.to_first_result = since(load_started);
+  }
+  if (rec && cpu->kind() == vcpu::backend_kind::kvm) record_resident_pages();
+}
+
+void sandbox::wait_loaded() {
+  if (!impl_->prefetcher) return;
+  impl_->prefetcher->wait();
+  impl_->update_load_stats();
+}
+
+// ---- working-set recording ----------------------------------------------------------------------
+
+result<void> sandbox::impl::start_recording() {
+  if (calling) return error(errc::not_ready, "recording starts between calls");
+  if (rec) return error(errc::not_ready, "already recording");
+  if (!base)
+    return error(errc::not_ready,
+                 "recording needs a sandbox created from or restored to a snapshot");
+  const std::uint64_t pages = mem.size() / memory::page_size;
+  recording r;
+  r.snapshot_id = base->id;
+  if (cpu->kind() == vcpu::backend_kind::emulated) {
+    // The host protection of every RAM page now: read-write, except where the guest tightened.
+    std::vector<int> prot_of(pages, PROT_READ | PROT_WRITE);
+    for (const auto& c : prot.list())
+      if (const auto* reg = mem.find(c.start))
+        std::fill_n(prot_of.begin() + static_cast<std::ptrdiff_t>(c.start.value / memory::page_size),
+                    c.size / memory::page_size, host_prot(detail::host_level(*reg, c.to)));
+    KILN_TRY_ASSIGN(r.recorder, memory::touch_recorder::start(
+                                    mem.host_address_for_mapping(guest_phys_addr{0}), prot_of));
+  } else {
+    // KVM touches guest RAM from the kernel, where protection faults would fail KVM_RUN: the
+    // pages resident now come first, then those that become resident, call by call.
+    r.seen.assign(pages, false);
+    rec.emplace(std::move(r));
+    record_resident_pages();
+    recorded.reset();
+    return {};
+  }
+  rec.emplace(std::move(r));
+  recorded.reset();
+  return {};
+}
+
+void sandbox::impl::record_resident_pages() {
+  auto ranges = mem.resident_ranges();
+  if (!ranges) return; // a scan that fails records nothing more; the list stays a valid prefix
+  for (const auto& [b, e] : *ranges)
+    for (std::uint64_t a = b; a < e; a += memory::page_size) {
+      const auto pg = static_cast<std::uint32_t>(a / memory::page_size);
+      if (!rec->seen[pg]) {
+        rec->seen[pg] = true;
+        rec->pages.push_back(pg);
+      }
+    }
+}
+
+void sandbox::impl::end_recording() noexcept {
+  if (!rec) return;
+  working_set ws;
+  ws.snapshot_id = rec->snapshot_id;
+  if (rec->recorder.armed()) {
+    auto pages = rec->recorder.stop();
+    ws.complete = pages && !rec->recorder.overflowed();
+    if (pages) ws.pages = std::move(*pages);
+  } else {
+    record_resident_pages();
+    ws.pages = std::move(rec->pages);
+  }
+  rec.reset();
+  recorded = std::move(ws);
+}
+
+result<void> sandbox::start_recording() {
+  return impl_->start_recording();
+}
+
+result<working_set> sandbox::stop_recording() {
+  impl_->end_recording();
+  if (!impl_->recorded) return error(errc::not_ready, "nothing was recorded");
+  working_set ws = std::move(*impl_->recorded);
+  impl_->recorded.reset();
+  return ws;
+}
+
+} // namespace kiln
