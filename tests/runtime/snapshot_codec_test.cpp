@@ -5,6 +5,7 @@
 
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cstring>
 
 namespace kiln::detail {
@@ -137,6 +138,40 @@ TEST(SnapshotCodec, RefusesStateKilnWouldNeverBuild) {
                  "a VOID parameter");
   expect_refused([](auto& s) { s.host_functions[0].name = std::string(200, 'x'); },
                  "a host function name above the cap");
+}
+
+TEST(SnapshotCodec, AWorkingSetRoundTripsInOrderAndIsOptional) {
+  auto s = plausible();
+  EXPECT_TRUE(round_trip(encode_sections(s))->working_set.empty()) << "no section, no set";
+  s.working_set = {300, 301, 302, 7, 8, 4095, 0, 1000};
+  const auto sections = encode_sections(s);
+  const auto ws = std::find_if(sections.begin(), sections.end(),
+                               [](const auto& sec) { return sec.tag == tag::working_set; });
+  ASSERT_NE(ws, sections.end());
+  EXPECT_EQ(ws->payload.size(), 8u + 8 * 5) << "five runs";
+  auto back = round_trip(sections);
+  ASSERT_TRUE(back) << back.err().message();
+  EXPECT_EQ(back->working_set, s.working_set);
+}
+
+TEST(SnapshotCodec, RefusesAWorkingSetOutsideMemoryOrRepeatingAPage) {
+  expect_refused([](auto& s) { s.working_set = {4096}; }, "a page past 16 MiB");
+  expect_refused([](auto& s) { s.working_set = {5, 9, 5}; }, "a page twice");
+  auto s = plausible();
+  s.working_set = {1, 2, 3};
+  auto sections = encode_sections(s);
+  auto& ws = sections.back();
+  ASSERT_EQ(ws.tag, tag::working_set);
+  auto edit = [&](std::size_t at, std::uint32_t v) {
+    auto copy = sections;
+    std::memcpy(copy.back().payload.data() + at, &v, 4);
+    return round_trip(copy).code();
+  };
+  EXPECT_EQ(edit(12, 0), memory::memory_errc::snapshot_corrupt) << "a run of zero pages";
+  EXPECT_EQ(edit(12, 0xffffffff), memory::memory_errc::snapshot_corrupt) << "a run past memory";
+  EXPECT_EQ(edit(0, 0xffffffff), memory::memory_errc::snapshot_corrupt) << "a huge run count";
+  ws.payload.push_back(std::byte{0});
+  EXPECT_EQ(round_trip(sections).code(), memory::memory_errc::snapshot_corrupt) << "trailing";
 }
 
 TEST(SnapshotCodec, RefusesBrokenFraming) {
