@@ -19,4 +19,4 @@ export TSAN_OPTIONS="halt_on_error=1 second_deadlock_stack=1"
 export UBSAN_OPTIONS="halt_on_error=1 print_stacktrace=1"
 export KILN_STRESS_SCALE=${KILN_STRESS_SCALE:-}
 "$build/tests/stress/stress_emulated_test"
-"$build/tests/e2e/e2e_emulated_test" --gtest_filter='runtime_test.*:fault_guest.kick*:memory_e2e.*'
+"$build/tests/e2e/e2e_emulated_test" --gtest_filter='runtime_test.*:fault_guest.kick*:memory_e2e.*:snapshot*:lazy_load_e2e.*'
