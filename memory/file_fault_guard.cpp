@@ -8,6 +8,7 @@
 
 #include <array>
 #include <mutex>
+#include <thread>
 #include <utility>
 
 namespace kiln::memory {
@@ -24,6 +25,10 @@ struct slot {
 
 std::array<slot, max_watches> slots;
 std::mutex registry_mutex; // registration only; the handler never takes it
+/// Handlers between their first look at the slots and their last use of one: reset() waits for
+/// none to be running after it frees a slot, so a state is never used after its watch is gone
+/// (seq_cst on both sides: a handler either sees the slot freed or is waited for).
+std::atomic<int> handlers_running{0};
 struct sigaction previous_action {};
 std::once_flag install_once;
 int install_errno = 0;
@@ -45,8 +50,9 @@ void chain(int sig, siginfo_t* info, void* context) {
 void on_sigbus(int sig, siginfo_t* info, void* context) {
   const int saved_errno = errno;
   const auto addr = reinterpret_cast<std::uintptr_t>(info->si_addr);
+  handlers_running.fetch_add(1, std::memory_order_seq_cst);
   for (auto& s : slots) {
-    const std::uintptr_t b = s.begin.load(std::memory_order_acquire);
+    const std::uintptr_t b = s.begin.load(std::memory_order_seq_cst);
     if (b == 0 || addr < b || addr >= s.end.load(std::memory_order_relaxed)) continue;
     file_fault_state* st = s.state.load(std::memory_order_relaxed);
     const std::uintptr_t page = addr & ~static_cast<std::uintptr_t>(page_size - 1);
@@ -59,9 +65,11 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     std::uintptr_t none = 0;
     st->first_lost.compare_exchange_strong(none, page, std::memory_order_release);
     if (st->notify) st->notify(st->context);
+    handlers_running.fetch_sub(1, std::memory_order_seq_cst);
     errno = saved_errno;
     return;
   }
+  handlers_running.fetch_sub(1, std::memory_order_seq_cst); // before a chain that may not return
   errno = saved_errno;
   chain(sig, info, context);
 }
@@ -97,8 +105,12 @@ result<file_fault_watch> file_fault_watch::create(const std::byte* host, std::ui
 void file_fault_watch::reset() noexcept {
   if (slot_ < 0) return;
   std::lock_guard lock(registry_mutex);
-  slots[static_cast<std::size_t>(slot_)].begin.store(0, std::memory_order_release);
+  slots[static_cast<std::size_t>(slot_)].begin.store(0, std::memory_order_seq_cst);
   slot_ = -1;
+  // A handler on another thread may still hold this slot's state: wait until it is done (a
+  // handler never blocks, so this is short).
+  while (handlers_running.load(std::memory_order_seq_cst) != 0)
+    std::this_thread::yield();
 }
 
 file_fault_watch::~file_fault_watch() {
