@@ -196,7 +196,9 @@ TEST_F(lazy_load_e2e, the_working_set_is_stored_in_the_file_and_every_load_mode_
       EXPECT_GE(ls.faults, 16 * mib / (64 * 1024)) << "the 16 MiB faulted in";
     } else {
       EXPECT_EQ(ls.io_uring, m.io_uring);
-      EXPECT_EQ(ls.bytes_prefetched, data_pages * page) << "every page of the file, once";
+      // Every page of the file; the working set's twice (first on its own, then with the rest).
+      EXPECT_GE(ls.bytes_prefetched, data_pages * page);
+      EXPECT_LE(ls.bytes_prefetched, (data_pages + 2 * loaded->working_set_pages()) * page);
       EXPECT_TRUE(ls.working_set_resident && ls.everything_resident);
       EXPECT_LE(ls.to_working_set, ls.to_everything);
       EXPECT_GE(cached_pages(file), data_pages) << "the file's data is in the page cache";
@@ -258,7 +260,7 @@ TEST_F(lazy_load_e2e, the_runtime_reaps_the_prefetch_on_its_service_thread) {
   }
   EXPECT_TRUE(ls.everything_resident);
   EXPECT_TRUE(ls.io_uring);
-  EXPECT_EQ(ls.bytes_prefetched, *loaded->stored_bytes());
+  EXPECT_GE(ls.bytes_prefetched, *loaded->stored_bytes());
   sb.async_destroy(boost::asio::use_future).get();
 }
 
