@@ -136,6 +136,25 @@ FN(sum_pages) {
   return KILN_STATUS_OK;
 }
 
+/* One word from each of `count` distinct pages of [base, base + span), visited in a scattered
+ * order: page (seed + i * P) mod pages for a prime P far above any page count here, so P is
+ * coprime with it and the pages are distinct (REAP's working sets are scattered, which is what
+ * makes demand paging slow). Fails when count exceeds the pages or P divides them. */
+FN(sum_scattered) {
+  (void)n;
+  const uint64_t prime = 2654435761u;
+  uint64_t base = a[0].u64, pages = a[1].u64 / PAGE, count = a[2].u64;
+  if (pages == 0 || count > pages || pages % prime == 0) return fail("sum_scattered: bad span");
+  uint64_t step = prime % pages, idx = a[3].u64 % pages, sum = 0;
+  for (uint64_t i = 0; i < count; ++i) {
+    sum += load_word(ptr(base + idx * PAGE), 8);
+    idx += step;
+    if (idx >= pages) idx -= pages;
+  }
+  r->u64 = sum;
+  return KILN_STATUS_OK;
+}
+
 /* ---- the allocator ---- */
 static void heap_stats_now(struct kiln_heap_stats* s) {
   kiln_heap_stats(s);
@@ -558,7 +577,7 @@ void kiln_guest_init(void) {
     kiln_guest_fn fn;
     enum kiln_type ret;
     uint32_t nparams;
-    enum kiln_type params[3];
+    enum kiln_type params[4];
   } fns[] = {
       {"heap_start", heap_start, U64, 0, {V}},
       {"heap_size", heap_size, U64, 0, {V}},
@@ -571,6 +590,7 @@ void kiln_guest_init(void) {
       {"peek", peek, I32, 1, {U64}},
       {"touch", touch, V, 3, {U64, U64, I64}},
       {"sum_pages", sum_pages, U64, 2, {U64, U64}},
+      {"sum_scattered", sum_scattered, U64, 4, {U64, U64, U64, U64}},
       {"alloc", alloc, U64, 1, {U64}},
       {"dealloc", dealloc, V, 1, {U64}},
       {"alloc_free", alloc_free, U64, 2, {U64, I32}},
