@@ -123,6 +123,31 @@ TEST(cli, snapshot_inspect_verify_and_run_from_a_file) {
   std::filesystem::remove_all(dir);
 }
 
+TEST(cli, a_recorded_working_set_is_stored_and_each_load_mode_reports_its_figures) {
+  char dir[] = "/tmp/kiln-cli-ws-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string guest = std::string(KILN_GUEST_DIR) + "/memory_test.elf";
+  const std::string file = std::string(dir) + "/mt.ksnap";
+  auto heap = run("run " + guest + " heap_start --memory 32M" + emu);
+  ASSERT_EQ(heap.status, 0) << heap.out;
+  const std::string h = heap.out.substr(0, heap.out.find('\n'));
+  auto made = run("snapshot " + guest + " --memory 32M -o " + file +
+                  " --record sum_pages " + h + ":u64 1048576:u64" + emu);
+  ASSERT_EQ(made.status, 0) << made.out;
+  EXPECT_NE(made.out.find("working set: "), std::string::npos) << made.out;
+  EXPECT_NE(run("inspect " + file).out.find("working set: 2"), std::string::npos)
+      << "256 heap pages and a few of stack and data";
+  for (const char* mode : {"prefetch", "demand", "eager"}) {
+    auto r = run("run --snapshot " + file + " --load " + mode + " --stats bump" + emu);
+    EXPECT_EQ(r.status, 0) << r.out;
+    EXPECT_NE(r.out.find(std::string("load: ") + mode), std::string::npos) << r.out;
+    EXPECT_NE(r.out.find("first result after"), std::string::npos) << r.out;
+  }
+  auto bad = run("run --snapshot " + file + " --load lazy bump" + emu);
+  EXPECT_EQ(bad.status, 2) << bad.out;
+  std::filesystem::remove_all(dir);
+}
+
 TEST(cli, bad_input_gets_a_message_not_a_crash) {
   auto bad_arg = run("run " + calc + " add_i32 2 zzz" + emu);
   EXPECT_EQ(bad_arg.status, 2);
