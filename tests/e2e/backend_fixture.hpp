@@ -5,6 +5,9 @@
 
 #include <gtest/gtest.h>
 
+#include <unistd.h>
+
+#include <filesystem>
 #include <memory>
 #include <string>
 
@@ -55,6 +58,24 @@ protected:
   }
 
   mutable std::vector<std::string> log_;
+};
+
+/// A backend test with a directory of its own for files (removed afterwards).
+class file_backend_test : public backend_test {
+protected:
+  void SetUp() override {
+    backend_test::SetUp();
+    dir_ = std::filesystem::temp_directory_path() /
+           ("kiln-e2e-" + std::to_string(::getpid()) + "-" +
+            ::testing::UnitTest::GetInstance()->current_test_info()->name());
+    std::filesystem::create_directories(dir_);
+  }
+  void TearDown() override {
+    std::error_code ec;
+    std::filesystem::remove_all(dir_, ec);
+  }
+  std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::filesystem::path dir_;
 };
 
 } // namespace kiln::test

@@ -48,20 +48,8 @@ void evict(const std::string& path) {
   ::close(fd);
 }
 
-class lazy_load_e2e : public backend_test {
+class lazy_load_e2e : public file_backend_test {
 protected:
-  void SetUp() override {
-    backend_test::SetUp();
-    dir_ = std::filesystem::temp_directory_path() /
-           ("kiln-lazy-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
 
   /// A 64 MiB memory_test snapshot with 16 MiB of heap data (value 5), whose working set is the
   /// pages `sum_pages` reads over its first 4 MiB, saved to `file`. Sets heap_.
@@ -84,7 +72,6 @@ protected:
     ASSERT_TRUE(with) << with.err().message();
     ASSERT_TRUE(with->save(file, {.layered = false}));
   }
-  std::filesystem::path dir_;
   std::uint64_t heap_ = 0;
 };
 

@@ -18,22 +18,16 @@ namespace {
 constexpr std::uint64_t page = 4096, mib = 1ull << 20;
 
 
-class snapshot_file_e2e : public backend_test {
-protected:
-  void SetUp() override {
-    backend_test::SetUp();
-    dir_ = std::filesystem::temp_directory_path() /
-           ("kiln-ksnap-" + std::to_string(::getpid()) + "-" +
-            ::testing::UnitTest::GetInstance()->current_test_info()->name());
-    std::filesystem::create_directories(dir_);
-  }
-  void TearDown() override {
-    std::error_code ec;
-    std::filesystem::remove_all(dir_, ec);
-  }
-  std::string path(const std::string& name) const { return (dir_ / name).string(); }
-  std::filesystem::path dir_;
-};
+using snapshot_file_e2e = file_backend_test;
+
+/// The host functions `kiln snapshot` registered when the golden files were written.
+host_functions cli_host_functions() {
+  host_functions fns;
+  fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
+  fns.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
+  fns.add("host_print", [](std::string) {});
+  return fns;
+}
 
 TEST_F(snapshot_file_e2e, save_load_round_trip_keeps_state_and_identity) {
   auto c = config_for("memory_test");
@@ -240,10 +234,7 @@ TEST_F(snapshot_file_e2e, the_golden_format_1_0_file_still_loads_and_runs) {
   auto loaded = snapshot::load(golden);
   ASSERT_TRUE(loaded) << loaded.err().message();
   EXPECT_EQ(loaded->memory_size(), 4 * mib);
-  host_functions fns; // the ones `kiln snapshot` registered
-  fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
-  fns.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
-  fns.add("host_print", [](std::string) {});
+  const host_functions fns = cli_host_functions();
   auto sb = sandbox::create(*loaded, fns, config_for("calc"));
   ASSERT_TRUE(sb) << sb.err().message();
   EXPECT_EQ(as<std::int32_t>((*sb)->call("add", 40, 2)), 42);
@@ -263,11 +254,7 @@ TEST_F(snapshot_file_e2e, the_golden_format_1_1_layered_pair_still_loads_and_run
   ASSERT_TRUE(loaded) << loaded.err().message();
   ASSERT_EQ(loaded->files().size(), 2u);
   EXPECT_EQ(std::filesystem::path(loaded->files()[0]).filename(), "calc-v1.1.ksnap");
-  host_functions fns;
-  fns.add("host_add", [](std::int64_t a, std::int64_t b) { return a + b; });
-  fns.add("host_mul", [](std::int64_t a, std::int64_t b) { return a * b; });
-  fns.add("host_print", [](std::string) {});
-  auto sb = sandbox::create(*loaded, fns, config_for("calc"));
+  auto sb = sandbox::create(*loaded, cli_host_functions(), config_for("calc"));
   ASSERT_TRUE(sb) << sb.err().message();
   EXPECT_EQ(as<std::int32_t>((*sb)->call("add", 40, 2)), 42);
 }
