@@ -175,6 +175,7 @@ protected:
     prefetch_options o;
     o.force_thread = thread_path();
     o.working_set_extents = working_set;
+    o.chunk_bytes = 1ull << 20; // the counts below are per 1 MiB chunk
     return o;
   }
 
