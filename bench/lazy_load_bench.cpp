@@ -2,10 +2,11 @@
 // demand and prefetch: time to first result and to working-set residency, beside the disk's
 // sequential read bandwidth measured on the same file in the same run.
 //
-//   lazy_load_bench [--runs N] [--dir DIR]
+//   lazy_load_bench [--runs N] [--dir DIR] [--shape scattered|clustered]
 //
 // The snapshot is a 256 MiB memory_test guest that wrote every page of its heap, with a
-// recorded working set of 6144 scattered heap pages (24 MiB, plus a few stack and data pages).
+// recorded working set of 6144 heap pages (24 MiB, plus a few stack and data pages): scattered
+// one by one over the whole heap (default), or clustered in 64 runs of 384 KiB spread over it.
 #include "bench_support.hpp"
 
 #include <kiln/runtime/sandbox.hpp>
@@ -167,6 +168,16 @@ struct heap_span {
   std::uint64_t base = 0, span = 0;
 };
 
+bool clustered = false;                 // --shape clustered
+constexpr std::uint64_t clusters = 64;  // of ws_pages / clusters pages each
+
+/// The working-set call: touches the ws_pages pages the recording touched, in the same order.
+std::uint64_t ws_call(kiln::sandbox& sb, const heap_span& h) {
+  return clustered ? call<std::uint64_t>(sb, "sum_clusters", h.base, h.span, clusters,
+                                         ws_pages / clusters, seed)
+                   : call<std::uint64_t>(sb, "sum_scattered", h.base, h.span, ws_pages, seed);
+}
+
 /// Builds the snapshot file (not timed): a 256 MiB guest that wrote every heap page, and the
 /// working set of one sum_scattered call recorded in a sandbox created from its snapshot.
 heap_span make_snapshot_file(kiln::vcpu::backend_kind kind, const std::string& path) {
@@ -192,9 +203,9 @@ heap_span make_snapshot_file(kiln::vcpu::backend_kind kind, const std::string& p
   auto rec = kiln::sandbox::create(*snap, {}, c);
   if (!rec) die("create from snapshot", rec.err());
   if (auto r = (*rec)->start_recording(); !r) die("start_recording", r.err());
-  const auto sum = call<std::uint64_t>(**rec, "sum_scattered", h.base, h.span, ws_pages, seed);
+  const auto sum = ws_call(**rec, h);
   if (sum != ws_pages * static_cast<std::uint64_t>(fill_value))
-    fmt::print("warning: sum_scattered returned {}, expected {}\n", sum,
+    fmt::print("warning: the working-set call returned {}, expected {}\n", sum,
                ws_pages * static_cast<std::uint64_t>(fill_value));
   auto ws = (*rec)->stop_recording();
   if (!ws) die("stop_recording", ws.err());
@@ -210,9 +221,10 @@ heap_span make_snapshot_file(kiln::vcpu::backend_kind kind, const std::string& p
              memory_mib, h.span / page, ms(t_touched - t0), ms(t_recorded - t_touched),
              ms(t_saved - t_recorded));
   fmt::print("file: {:.1f} MiB, {:.1f} MiB on disk; working set recorded: {} pages ({:.2f} MiB; "
-             "{} by sum_scattered, {} stack/data/other){}\n",
+             "{} by the {} call, {} stack/data/other){}\n",
              static_cast<double>(st.st_size) / mib, static_cast<double>(st.st_blocks) * 512 / mib,
              ws->pages.size(), static_cast<double>(ws->pages.size() * page) / mib, ws_pages,
+             clustered ? "sum_clusters" : "sum_scattered",
              static_cast<std::int64_t>(ws->pages.size()) - static_cast<std::int64_t>(ws_pages),
              ws->complete ? "" : " (INCOMPLETE: recording stopped early)");
   return h;
@@ -247,10 +259,10 @@ run_result run_once(kiln::load_mode mode, kiln::vcpu::backend_kind kind, const s
   const auto t_created = clock_type::now();
   call<std::int64_t>(**sb, "bump");
   r.first = ms(clock_type::now() - t0);
-  const auto sum = call<std::uint64_t>(**sb, "sum_scattered", h.base, h.span, ws_pages, seed);
+  const auto sum = ws_call(**sb, h);
   r.ws_call = ms(clock_type::now() - t0);
   if (sum != ws_pages * static_cast<std::uint64_t>(fill_value)) {
-    fmt::print(stderr, "sum_scattered returned {} after the load\n", sum);
+    fmt::print(stderr, "the working-set call returned {} after the load\n", sum);
     std::exit(1);
   }
   (*sb)->wait_loaded();
@@ -400,6 +412,7 @@ int main(int argc, char** argv) {
   for (int i = 1; i + 1 < argc; i += 2) {
     if (!std::strcmp(argv[i], "--runs")) runs = std::atoi(argv[i + 1]);
     if (!std::strcmp(argv[i], "--dir")) dir = argv[i + 1];
+    if (!std::strcmp(argv[i], "--shape")) clustered = !std::strcmp(argv[i + 1], "clustered");
   }
   if (runs < 1) return 2;
   // Not tmpfs: the load must come off a disk. The build folder (above the guests) is a fallback.

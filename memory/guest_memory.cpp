@@ -187,6 +187,14 @@ result<std::vector<byte_range>> guest_memory::dirty_ranges() const {
                   image_ ? detail::page_filter::private_ : detail::page_filter::resident);
 }
 
+result<void> guest_memory::set_read_around(bool on) {
+  ++host_syscalls_;
+  // SAFETY: advice only, over RAM this object owns; contents and protections are unchanged.
+  if (::madvise(mapping_.data(), size(), on ? MADV_NORMAL : MADV_RANDOM) != 0)
+    return errno_error("madvise(NORMAL/RANDOM) guest memory");
+  return {};
+}
+
 result<std::vector<byte_range>> guest_memory::resident_ranges() const {
   return scan_ram(mapping_.data(), size(), detail::page_filter::resident);
 }

@@ -138,6 +138,9 @@ public:
   /// RAM ranges whose pages are mapped in the host now, the image's shared pages included (what
   /// the guest, or the host for it, has touched since RAM was mapped, plus what was prefetched).
   result<std::vector<byte_range>> resident_ranges() const;
+  /// Whether a fault on RAM mapped from an image reads around the faulting page (the kernel's
+  /// default, MADV_NORMAL) or only that page (MADV_RANDOM). Counted in host_syscalls().
+  result<void> set_read_around(bool on);
   /// Brings [a, a+len) of RAM back to the image's bytes: by copying them in (`copy`, the pages
   /// stay resident) or by dropping the private pages (MADV_DONTNEED; the next touch maps the
   /// image's page). Requires an image; the range must be host-writable for `copy`.

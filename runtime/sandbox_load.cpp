@@ -6,8 +6,10 @@
 
 #include <fmt/format.h>
 
+#include <fcntl.h>
 #include <sys/mman.h>
 #include <sys/resource.h>
+#include <sys/stat.h>
 
 #include <algorithm>
 
@@ -33,6 +35,7 @@ namespace {
 struct load_plan {
   std::vector<memory::prefetch_extent> extents;
   std::size_t working_set_extents = 0;
+  bool one_pass = false; // no selective working-set phase (see below)
 };
 
 constexpr std::uint64_t gap_pages = 16;               // 64 KiB: the kernel's own fault-around
@@ -125,6 +128,7 @@ load_plan plan_load(const memory::snapshot_image& img, const memory::guest_memor
     push(at, e.hi);
   }
   if (one_pass) plan.working_set_extents = v.size();
+  plan.one_pass = one_pass || working_set.empty();
   return plan;
 }
 
@@ -156,7 +160,7 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   load_complete = false;
   if (o.mode == load_mode::demand) return {};
 
-  const load_plan plan =
+  load_plan plan =
       plan_load(*s.image, mem, o.mode == load_mode::eager ? std::vector<std::uint32_t>{} : s.working_set);
   memory::prefetch_options po;
   po.chunk_bytes = o.chunk_bytes;
@@ -164,6 +168,26 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   po.force_thread = !o.use_io_uring;
   po.working_set_extents = plan.working_set_extents;
   prefetch_image = s.image;
+  // A selective working-set phase reads through descriptors of its own, with the kernel's
+  // read-ahead off: a read of 256 KiB then reads 256 KiB, where the file's shared description
+  // would read up to the device's read-ahead window past it (8 MiB here), spending the disk on
+  // pages the working set does not need yet (lazy_load_bench, clustered working set on a disk
+  // throttled to 200 MiB/s: working set resident after 570 ms, for 24 MiB, 371 ms without). The
+  // pass in address order keeps read-ahead, which pipelines it (without: 182 ms for 256 MiB
+  // where it takes 51 ms).
+  prefetch_fds.clear();
+  for (const auto& layer : s.image->layers()) {
+    if (!layer->file() || plan.one_pass) continue;
+    unique_fd own(::open(fmt::format("/proc/self/fd/{}", layer->fd()).c_str(), O_RDONLY | O_CLOEXEC));
+    struct stat a {}, b {};
+    if (!own || ::fstat(own.get(), &a) != 0 || ::fstat(layer->fd(), &b) != 0 ||
+        a.st_dev != b.st_dev || a.st_ino != b.st_ino)
+      continue; // no /proc: the shared description, read-ahead and all
+    ::posix_fadvise(own.get(), 0, 0, POSIX_FADV_RANDOM);
+    for (std::size_t i = 0; i < plan.working_set_extents; ++i)
+      if (plan.extents[i].fd == layer->fd()) plan.extents[i].fd = own.get();
+    prefetch_fds.push_back(std::move(own));
+  }
   prefetch_started = std::chrono::steady_clock::now();
   if (o.mode == load_mode::eager) {
     // Everything in before the guest may run, driven on this thread.
@@ -178,6 +202,16 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
     load_complete = true;
     return {};
   }
+  // While a selective working set leads, a guest fault reads only its page: the prefetch knows
+  // what the guest needs, and the kernel's read-around would spend the disk on pages around it
+  // (lazy_load_bench, clustered 24 MiB working set, disk throttled to 200 MiB/s: working set
+  // resident after 371 ms with read-around, 168 ms without; demand paging: 1,159 ms). A plan
+  // that is one pass keeps read-around: there the guest's faults read what the pass would
+  // (the scattered working set took 185 ms to everything without it, 88-120 ms with it).
+  if (!plan.one_pass) {
+    KILN_TRY(mem.set_read_around(false));
+    read_around_off = true;
+  }
   KILN_TRY_ASSIGN(prefetcher, detail::prefetch_driver::start(std::move(ex), plan.extents, po));
   return {};
 }
@@ -187,6 +221,7 @@ void sandbox::impl::cancel_loading() noexcept {
   prefetcher->cancel();
   update_load_stats();
   prefetcher.reset();
+  prefetch_fds.clear();
   prefetch_image.reset();
   load_complete = true; // nothing more will come in by itself
 }
@@ -207,7 +242,13 @@ void sandbox::impl::update_load_stats() {
     ls.everything_resident = true;
     ls.to_everything = offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.total_time);
   }
-  if (st.done || st.cancelled) load_complete = true;
+  if (st.done || st.cancelled) {
+    load_complete = true;
+    if (read_around_off) { // everything is in: faults after an eviction read around again
+      read_around_off = false;
+      (void)mem.set_read_around(true);
+    }
+  }
 }
 
 void sandbox::impl::before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept {

@@ -155,6 +155,26 @@ FN(sum_scattered) {
   return KILN_STATUS_OK;
 }
 
+/* Every page of `clusters` runs of `cluster_pages` pages spread evenly over [base, base + span),
+ * the runs visited in a scattered order (run (seed + i * P) mod clusters): a clustered working
+ * set (heap arenas, tables), which a prefetch can read as a few large requests. */
+FN(sum_clusters) {
+  (void)n;
+  const uint64_t prime = 2654435761u;
+  uint64_t base = a[0].u64, pages = a[1].u64 / PAGE, clusters = a[2].u64, run = a[3].u64;
+  if (clusters == 0 || run == 0 || clusters * run > pages || clusters % prime == 0)
+    return fail("sum_clusters: bad shape");
+  uint64_t stride = pages / clusters, step = prime % clusters, c = a[4].u64 % clusters, sum = 0;
+  for (uint64_t i = 0; i < clusters; ++i) {
+    for (uint64_t p = 0; p < run; ++p)
+      sum += load_word(ptr(base + (c * stride + p) * PAGE), 8);
+    c += step;
+    if (c >= clusters) c -= clusters;
+  }
+  r->u64 = sum;
+  return KILN_STATUS_OK;
+}
+
 /* ---- the allocator ---- */
 static void heap_stats_now(struct kiln_heap_stats* s) {
   kiln_heap_stats(s);
@@ -577,7 +597,7 @@ void kiln_guest_init(void) {
     kiln_guest_fn fn;
     enum kiln_type ret;
     uint32_t nparams;
-    enum kiln_type params[4];
+    enum kiln_type params[5];
   } fns[] = {
       {"heap_start", heap_start, U64, 0, {V}},
       {"heap_size", heap_size, U64, 0, {V}},
@@ -591,6 +611,7 @@ void kiln_guest_init(void) {
       {"touch", touch, V, 3, {U64, U64, I64}},
       {"sum_pages", sum_pages, U64, 2, {U64, U64}},
       {"sum_scattered", sum_scattered, U64, 4, {U64, U64, U64, U64}},
+      {"sum_clusters", sum_clusters, U64, 5, {U64, U64, U64, U64, U64}},
       {"alloc", alloc, U64, 1, {U64}},
       {"dealloc", dealloc, V, 1, {U64}},
       {"alloc_free", alloc_free, U64, 2, {U64, I32}},

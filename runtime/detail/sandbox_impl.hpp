@@ -188,10 +188,12 @@ struct sandbox::impl {
   std::optional<recording> rec;
   std::optional<working_set> recorded; // a recording that ended, until stop_recording()
   std::shared_ptr<const memory::snapshot_image> prefetch_image; // keeps its files open
+  std::vector<unique_fd> prefetch_fds; // the prefetch's own descriptors (read-ahead off)
   std::shared_ptr<detail::prefetch_driver> prefetcher;
   std::chrono::steady_clock::time_point load_started, prefetch_started;
   bool awaiting_first_result = false;
   bool load_complete = true; // false while a file's pages are still coming in (or demand)
+  bool read_around_off = false; // guest faults read only their page while the prefetch leads
 
   result<void> start_loading(const detail::snapshot_state& s, boost::asio::any_io_executor ex);
   /// Stops a prefetch in progress (its stats are kept).
