@@ -205,7 +205,9 @@ public:
   /// (created from or restored to one): the pages are that snapshot's. On the emulated backend
   /// every first touch is recorded exactly (memory::touch_recorder: the RAM is armed PROT_NONE
   /// and each first access is caught); on KVM the pages that became resident are appended after
-  /// each call (PAGEMAP_SCAN), in address order within a call. Recording ends at
+  /// each call (PAGEMAP_SCAN), in address order within a call, so record there in a sandbox just
+  /// created from an in-memory snapshot or with load_mode::demand (pages resident before are not
+  /// seen). A prefetch still running is stopped. Recording ends at
   /// stop_recording(), and also before a snapshot, a restore or a guest memory request (the
   /// pages so far are kept). Errors: not_ready (during a call, not descending from a snapshot,
   /// already recording).

@@ -292,6 +292,8 @@ result<void> sandbox::impl::start_recording() {
     return error(errc::not_ready,
                  "recording needs a sandbox created from or restored to a snapshot");
   const std::uint64_t pages = mem.size() / memory::page_size;
+  // From here on only the guest makes pages resident: a prefetch would look like its touches.
+  cancel_loading();
   recording r;
   r.snapshot_id = base->id;
   if (cpu->kind() == vcpu::backend_kind::emulated) {
@@ -305,10 +307,13 @@ result<void> sandbox::impl::start_recording() {
                                     mem.host_address_for_mapping(guest_phys_addr{0}), prot_of));
   } else {
     // KVM touches guest RAM from the kernel, where protection faults would fail KVM_RUN: the
-    // pages resident now come first, then those that become resident, call by call.
+    // pages that become resident are recorded, call by call. Those resident now (the host wrote
+    // them while creating the sandbox, or an earlier call touched them) are not: they say
+    // nothing about this call. So record in a sandbox just created, with load_mode::demand.
     r.seen.assign(pages, false);
     rec.emplace(std::move(r));
     record_resident_pages();
+    rec->pages.clear();
     recorded.reset();
     return {};
   }
