@@ -226,6 +226,47 @@ TEST_F(lazy_load_e2e, a_guest_writing_under_a_running_prefetch_keeps_its_own_dat
   }
 }
 
+TEST_F(lazy_load_e2e, a_layered_file_prefetches_each_page_from_the_file_that_holds_it) {
+  const auto base = path("base.ksnap"), child = path("child.ksnap");
+  ASSERT_NO_FATAL_FAILURE(save_with_working_set(base));
+  auto c = config_for("memory_test");
+  {
+    auto loaded = snapshot::load(base);
+    ASSERT_TRUE(loaded);
+    auto sb = sandbox::create(*loaded, {}, c);
+    ASSERT_TRUE(sb) << sb.err().message();
+    // Over the working set and past it: the child's pages lie among its parent's.
+    ASSERT_TRUE((*sb)->call("touch", heap_ + mib, 2 * mib, std::int64_t{9}));
+    auto snap = (*sb)->take_snapshot();
+    ASSERT_TRUE(snap);
+    auto rec = sandbox::create(*snap, {}, c);
+    ASSERT_TRUE(rec);
+    ASSERT_TRUE((*rec)->start_recording());
+    ASSERT_TRUE((*rec)->call("sum_pages", heap_, 4 * mib));
+    auto ws = (*rec)->stop_recording();
+    ASSERT_TRUE(ws);
+    auto with = snap->with_working_set(*ws);
+    ASSERT_TRUE(with && with->save(child));
+  }
+  auto loaded = snapshot::load(child);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  ASSERT_EQ(loaded->files().size(), 2u);
+  for (auto mode : {load_mode::prefetch, load_mode::eager}) {
+    evict(base);
+    evict(child);
+    c.load.mode = mode;
+    auto sb = sandbox::create(*loaded, {}, c);
+    ASSERT_TRUE(sb) << sb.err().message();
+    EXPECT_EQ(as<std::uint64_t>((*sb)->call("sum_pages", heap_, 16 * mib)),
+              5u * (4096 - 512) + 9u * 512);
+    (*sb)->wait_loaded();
+    const auto ls = (*sb)->stats().load;
+    EXPECT_TRUE(ls.everything_resident);
+    EXPECT_GE(ls.bytes_prefetched, 16 * mib) << "both files' pages";
+    EXPECT_GE(cached_pages(child), 512u) << "the child's own pages came from the child";
+  }
+}
+
 TEST_F(lazy_load_e2e, the_runtime_reaps_the_prefetch_on_its_service_thread) {
   const auto file = path("rt.ksnap");
   ASSERT_NO_FATAL_FAILURE(save_with_working_set(file));
