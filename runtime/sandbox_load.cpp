@@ -189,6 +189,14 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
     prefetch_fds.push_back(std::move(own));
   }
   prefetch_started = std::chrono::steady_clock::now();
+  if (cpu->kind() == vcpu::backend_kind::kvm) { // see prefault_resident()
+    const auto base = mem.host_address_for_mapping(guest_phys_addr{0});
+    for (std::size_t i = 0; i < plan.extents.size(); ++i) {
+      const auto lo = static_cast<std::uint64_t>(plan.extents[i].host - base);
+      (i < plan.working_set_extents ? prefault_ws : prefault_all)
+          .emplace_back(lo, lo + plan.extents[i].length);
+    }
+  }
   if (o.mode == load_mode::eager) {
     // Everything in before the guest may run, driven on this thread.
     KILN_TRY_ASSIGN(auto p, memory::prefetch::start(plan.extents, po));
@@ -200,6 +208,7 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
     ls.to_working_set = ls.to_everything = since(load_started);
     ls.working_set_resident = ls.everything_resident = true;
     load_complete = true;
+    prefault_resident();
     return {};
   }
   // While a selective working set leads, a guest fault reads only its page: the prefetch knows
@@ -222,6 +231,8 @@ void sandbox::impl::cancel_loading() noexcept {
   update_load_stats();
   prefetcher.reset();
   prefetch_fds.clear();
+  prefault_ws.clear(); // they were the old image's; nothing says what is resident now
+  prefault_all.clear();
   prefetch_image.reset();
   load_complete = true; // nothing more will come in by itself
 }
@@ -248,6 +259,23 @@ void sandbox::impl::update_load_stats() {
       read_around_off = false;
       (void)mem.set_read_around(true);
     }
+  }
+}
+
+void sandbox::impl::prefault_resident() noexcept {
+  // Resident pages only: pre-faulting others would read them in here, synchronously.
+  auto& ls = stats.load;
+  auto run = [&](std::vector<memory::byte_range>& ranges) {
+    for (const auto& [lo, hi] : ranges) {
+      if (!cpu->prefault(guest_phys_addr{lo}, hi - lo)) break; // the guest faults them itself
+      ls.bytes_prefaulted += hi - lo;
+    }
+    ranges.clear();
+  };
+  if (!prefault_ws.empty() && ls.working_set_resident) run(prefault_ws);
+  if (!prefault_all.empty() && ls.everything_resident) {
+    run(prefault_ws);
+    run(prefault_all);
   }
 }
 

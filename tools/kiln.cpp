@@ -219,6 +219,9 @@ int cmd_run(run_options o) {
                    ms(w.to_working_set), ms(w.to_everything));
       fmt::print(stderr, "  {} KiB read ahead; {} page faults during the load ({} waited for the disk)\n",
                  w.bytes_prefetched / 1024, w.faults, w.major_faults);
+      if (w.bytes_prefaulted != 0)
+        fmt::print(stderr, "  {} KiB pre-faulted in the second-level page tables\n",
+                   w.bytes_prefaulted / 1024);
     }
     if (auto rss = (*sb)->resident_bytes())
       fmt::print(stderr, "guest RAM resident: {} KiB\n", *rss / 1024);

@@ -91,6 +91,18 @@ public:
   /// so translated code over it must be dropped. A no-op on hardware backends.
   virtual void invalidate_code(memory::guest_phys_addr gpa, std::uint64_t size) = 0;
 
+  /// Maps [gpa, gpa+size) (page-aligned, inside mapped RAM) in the hardware's second-level page
+  /// tables ahead of the guest's first touches, so those touches take no exit. Only for pages
+  /// already resident on the host (others would be read in here, synchronously), and only
+  /// between runs (it takes the lock KVM_RUN holds). Best effort: false where the backend or
+  /// kernel has no such thing (the emulated engine; KVM before Linux 6.10's
+  /// KVM_PRE_FAULT_MEMORY) or the kernel refused; the guest then faults the pages itself.
+  virtual bool prefault(memory::guest_phys_addr gpa, std::uint64_t size) noexcept {
+    (void)gpa;
+    (void)size;
+    return false;
+  }
+
   virtual vcpu_stats stats() const noexcept = 0;
 
 protected:

@@ -194,6 +194,10 @@ struct sandbox::impl {
   bool awaiting_first_result = false;
   bool load_complete = true; // false while a file's pages are still coming in (or demand)
   bool read_around_off = false; // guest faults read only their page while the prefetch leads
+  // Stage-2 pre-faulting (KVM): the guest ranges of the working set and of the whole file, each
+  // pre-faulted once it is resident, between runs.
+  std::vector<memory::byte_range> prefault_ws, prefault_all;
+  void prefault_resident() noexcept;
 
   result<void> start_loading(const detail::snapshot_state& s, boost::asio::any_io_executor ex);
   /// Stops a prefetch in progress (its stats are kept).
