@@ -491,6 +491,7 @@ void create_on_worker(
                    [h = std::move(handler), ec, result]() mutable { std::move(h)(ec, result); });
   });
 }
+
 void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
                   host_functions functions, create_handler handler) {
   create_on_worker(rt, std::move(handler),

@@ -297,5 +297,33 @@ TEST_F(lazy_load_e2e, the_runtime_reaps_the_prefetch_on_its_service_thread) {
   sb.async_destroy(boost::asio::use_future).get();
 }
 
+TEST_F(lazy_load_e2e, sandboxes_destroyed_or_a_runtime_stopped_mid_prefetch_leave_nothing_behind) {
+  const auto file = path("stop.ksnap");
+  ASSERT_NO_FATAL_FAILURE(save_with_working_set(file));
+  auto loaded = snapshot::load(file);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  for (int round = 0; round < 3; ++round) {
+    evict(file);
+    runtime rt({.workers = 2});
+    auto c = config_for("memory_test");
+    c.load.chunk_bytes = 64 * 1024; // a long prefetch: still running when the end comes
+    c.load.queue_depth = 1;
+    std::vector<async_sandbox> boxes;
+    for (int i = 0; i < 4; ++i) {
+      auto sb = rt.async_create(*loaded, {}, c, boost::asio::use_future).get();
+      ASSERT_TRUE(sb);
+      boxes.push_back(sb);
+    }
+    // Two destroyed at once, one after a call, one left to the runtime's stop.
+    boxes[0].async_destroy(boost::asio::use_future).get();
+    boxes[1].async_destroy(boost::asio::use_future).get();
+    auto r = boxes[2].async_call("sum_pages", {value{heap_}, value{mib}}, boost::asio::use_future).get();
+    ASSERT_TRUE(std::holds_alternative<std::uint64_t>(r));
+    EXPECT_EQ(std::get<std::uint64_t>(r), 5u * 256);
+    boxes[2].async_destroy(boost::asio::use_future).get();
+    rt.stop(); // boxes[3]'s prefetch may still be reading
+  }
+}
+
 } // namespace
 } // namespace kiln::test
