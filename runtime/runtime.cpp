@@ -93,7 +93,7 @@ struct runtime_impl : std::enable_shared_from_this<runtime_impl> {
   std::atomic<bool> stopping{false};
   std::mutex cores_mu;
   std::vector<std::weak_ptr<sandbox_core>> cores; // for stop()
-  std::atomic<std::uint64_t> calls{0}, preemptions{0}, stale_kicks{0}, alive{0};
+  std::atomic<std::uint64_t> calls{0}, operations{0}, preemptions{0}, stale_kicks{0}, alive{0};
 
   void start();
   void tick_slices();
@@ -206,7 +206,7 @@ void sandbox_core::on_stop_request(const std::shared_ptr<call_op>& op) {
   queue.erase(it);
   op->done = true;
   const unsigned r = op->stop.load();
-  rt->calls.fetch_add(1);
+  (op->action ? rt->operations : rt->calls).fetch_add(1);
   complete_call(op,
                 r == deadline ? error_code(std::error_code(errc::deadline_exceeded))
                               : error_code(asio::error::operation_aborted),
@@ -362,7 +362,8 @@ void sandbox_core::finish(const std::shared_ptr<call_op>& op, error_code ec, val
     last_error = *detail;
   }
   publish();
-  rt->calls.fetch_add(1); // before completing, so a caller that saw the result sees the count
+  // Before completing, so a caller that saw the result sees the count.
+  (op->action ? rt->operations : rt->calls).fetch_add(1);
   complete_call(op, ec, std::move(v));
   if (!current && !queue.empty())
     asio::post(executor(), [self = shared_from_this()] { self->pump(); });
@@ -681,6 +682,7 @@ runtime_stats runtime::stats() const noexcept {
   runtime_stats s;
   s.sandboxes = impl_->alive.load();
   s.calls = impl_->calls.load();
+  s.operations = impl_->operations.load();
   s.preemptions = impl_->preemptions.load();
   s.stale_kicks = impl_->stale_kicks.load();
   return s;

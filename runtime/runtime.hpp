@@ -54,7 +54,8 @@ struct call_options {
 
 struct runtime_stats {
   std::uint64_t sandboxes = 0;   // alive now
-  std::uint64_t calls = 0;       // completed, successfully or not
+  std::uint64_t calls = 0;       // guest calls completed, successfully or not
+  std::uint64_t operations = 0;  // map/unmap file, snapshot, restore: queued with the calls
   std::uint64_t preemptions = 0; // time slices that ended with a kick
   std::uint64_t stale_kicks = 0; // kicks that arrived after their call had finished
 };

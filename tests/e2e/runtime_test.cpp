@@ -111,6 +111,9 @@ TEST_F(runtime_test, snapshot_and_restore_run_in_order_with_calls) {
   EXPECT_EQ(after.get_future().get(), 2);
   EXPECT_FALSE(sb.poisoned());
   EXPECT_EQ(sb.stats().restores, 1u);
+  // Four guest calls (the failed one included); the snapshot and the restore count apart.
+  EXPECT_EQ(rt.stats().calls, 4u);
+  EXPECT_EQ(rt.stats().operations, 2u);
 }
 
 TEST_F(runtime_test, future_style_reports_errors_as_system_error) {
