@@ -84,6 +84,14 @@ image_ptr capture(const guest_memory& mem) {
   return *img;
 }
 
+/// Backs a fresh guest memory with `img` and expects it to read as `want`, byte for byte.
+void expect_image_reads_as(const image_ptr& img, const guest_memory& want) {
+  auto other = guest_memory::create(ram_size);
+  ASSERT_TRUE(other);
+  ASSERT_TRUE(other->back_with(img));
+  EXPECT_EQ(std::memcmp(ram(*other), ram(want), ram_size), 0);
+}
+
 snapshot_file_info make_info(std::uint8_t id) {
   snapshot_file_info info;
   info.memory_size = ram_size;
@@ -387,10 +395,7 @@ TEST_F(SnapshotFile, FlattensALayeredImage) {
   EXPECT_TRUE(v) << v.err().message();
   auto img = f->image();
   ASSERT_TRUE(img);
-  auto other = guest_memory::create(ram_size);
-  ASSERT_TRUE(other);
-  ASSERT_TRUE(other->back_with(*img));
-  EXPECT_EQ(std::memcmp(ram(*other), ram(*mem), ram_size), 0);
+  expect_image_reads_as(*img, *mem);
 }
 
 TEST_F(SnapshotFile, WritesAFileFromAnImageOfAFile) {
@@ -515,10 +520,7 @@ TEST_F(SnapshotFile, BytesOutsideTheExtentsAreNotPartOfTheImage) {
   EXPECT_TRUE(f->verify()) << "a guest sees zeros there, as the CRCs say";
   auto img = f->image();
   ASSERT_TRUE(img);
-  auto other = guest_memory::create(ram_size);
-  ASSERT_TRUE(other);
-  ASSERT_TRUE(other->back_with(*img));
-  EXPECT_EQ(std::memcmp(ram(*other), ram(*mem_), ram_size), 0);
+  expect_image_reads_as(*img, *mem_);
 }
 
 TEST_F(SnapshotFile, RefusesAWrongMagicArchPageSizeOrVersion) {
@@ -890,10 +892,7 @@ TEST_F(SnapshotFile, ALayeredFileHoldsOnlyWhatDiffersAndLoadsOverItsParent) {
   ASSERT_EQ((*img)->layers().size(), 2u);
   EXPECT_EQ((*img)->file_layers(), 2u);
   EXPECT_EQ((*img)->layers()[1]->file()->path, child);
-  auto other = guest_memory::create(ram_size);
-  ASSERT_TRUE(other);
-  ASSERT_TRUE(other->back_with(*img));
-  EXPECT_EQ(std::memcmp(ram(*other), ram(want), ram_size), 0);
+  expect_image_reads_as(*img, want);
 }
 
 TEST_F(SnapshotFile, AChainOfThreeResolvesRelativePathsFromEachChildsDirectory) {
@@ -912,10 +911,7 @@ TEST_F(SnapshotFile, AChainOfThreeResolvesRelativePathsFromEachChildsDirectory) 
   EXPECT_TRUE(chain->verify());
   auto img = chain->image();
   ASSERT_TRUE(img);
-  auto other = guest_memory::create(ram_size);
-  ASSERT_TRUE(other);
-  ASSERT_TRUE(other->back_with(*img));
-  EXPECT_EQ(std::memcmp(ram(*other), ram(want), ram_size), 0);
+  expect_image_reads_as(*img, want);
 }
 
 TEST_F(SnapshotFile, AChainWithAMissingChangedOrForeignParentIsRefused) {
