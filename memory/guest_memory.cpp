@@ -94,11 +94,19 @@ result<std::byte*> guest_memory::host_range(guest_phys_addr a, std::uint64_t len
   return mapping_.data() + a.value;
 }
 
-result<void> guest_memory::host_protect(guest_phys_addr a, std::uint64_t len, protection p) {
-  KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
+namespace {
+/// The host mapping's bits for `p` (write implies read; exec is the guest's business).
+int host_bits(protection p) {
   int prot = PROT_NONE;
   if (has(p, protection::read)) prot |= PROT_READ;
   if (has(p, protection::write)) prot |= PROT_READ | PROT_WRITE;
+  return prot;
+}
+} // namespace
+
+result<void> guest_memory::host_protect(guest_phys_addr a, std::uint64_t len, protection p) {
+  KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
+  const int prot = host_bits(p);
   ++host_syscalls_;
   // SAFETY: [host, host+len) lies inside RAM of this mapping (checked above).
   if (::mprotect(host, len, prot) != 0) return errno_error("mprotect guest memory");
@@ -185,6 +193,14 @@ result<std::vector<byte_range>> scan_ram(const std::byte* base, std::uint64_t si
 result<std::vector<byte_range>> guest_memory::dirty_ranges() const {
   return scan_ram(mapping_.data(), size(),
                   image_ ? detail::page_filter::private_ : detail::page_filter::resident);
+}
+
+result<touch_recorder> guest_memory::record_touches(std::span<const protection> page_prot) const {
+  if (page_prot.size() != size() / page_size)
+    return error(std::make_error_code(std::errc::invalid_argument), "one protection per RAM page");
+  std::vector<int> bits(page_prot.size());
+  std::transform(page_prot.begin(), page_prot.end(), bits.begin(), host_bits);
+  return touch_recorder::start(mapping_.data(), bits);
 }
 
 result<void> guest_memory::set_read_around(bool on) {

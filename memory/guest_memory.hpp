@@ -5,6 +5,7 @@
 #include <kiln/memory/host_mapping.hpp>
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/snapshot_image.hpp>
+#include <kiln/memory/touch_recorder.hpp>
 #include <kiln/support/result.hpp>
 
 #include <cstddef>
@@ -141,6 +142,9 @@ public:
   /// Whether a fault on RAM mapped from an image reads around the faulting page (the kernel's
   /// default, MADV_NORMAL) or only that page (MADV_RANDOM). Counted in host_syscalls().
   result<void> set_read_around(bool on);
+  /// Starts recording the first touch of each RAM page (touch_recorder), page i being at host
+  /// protection page_prot[i] now (protection::none: not recorded).
+  result<touch_recorder> record_touches(std::span<const protection> page_prot) const;
   /// Brings [a, a+len) of RAM back to the image's bytes: by copying them in (`copy`, the pages
   /// stay resident) or by dropping the private pages (MADV_DONTNEED; the next touch maps the
   /// image's page). Requires an image; the range must be host-writable for `copy`.

@@ -1,5 +1,6 @@
 // Loading a sandbox from a snapshot file (eager, demand, prefetch) and recording the working set
 // that the prefetch reads first.
+#include <kiln/memory/load_plan.hpp>
 #include <kiln/memory/prefetch.hpp>
 #include <kiln/runtime/detail/prefetch_driver.hpp>
 #include <kiln/runtime/detail/sandbox_impl.hpp>
@@ -7,7 +8,6 @@
 #include <fmt/format.h>
 
 #include <fcntl.h>
-#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/stat.h>
 
@@ -19,129 +19,10 @@ using memory::guest_phys_addr;
 
 namespace {
 
-/// The reads a load plans. First the working set's pages that a file provides, by 2 MiB region
-/// in the order the guest first touched each region; within a region in address order, a page
-/// at most `gap_pages` past the end of the read before it (same file) extending that read, gap
-/// included. On a virtual disk a small read costs about what a larger one does (latency-bound),
-/// so reading a region's pages as a few runs beats one request per page in exact first-touch
-/// order (bench/lazy_load_bench, a scattered 24 MiB working set in 256 MiB: 6,000 single-page
-/// reads took about 200 ms, as long as reading the whole file three times). Then every page the
-/// files provide, in address order, less the working-set reads of 256 KiB or more: smaller ones
-/// are read again (a copy from the page cache), since skipping every working-set page cut the
-/// rest into 6,000 requests of 39 KiB. A working set whose regions make up more than half the
-/// file is not read first (see below). Pages the image leaves zero, or holds in memory (a memfd layer), need no read. An
-/// eager load skips the working-set phase: one pass in address order is the fastest way to
-/// everything.
-struct load_plan {
-  std::vector<memory::prefetch_extent> extents;
-  std::size_t working_set_extents = 0;
-  bool one_pass = false; // no selective working-set phase (see below)
-};
-
-constexpr std::uint64_t gap_pages = 16;               // 64 KiB: the kernel's own fault-around
-constexpr std::uint64_t region_pages = (2u << 20) / 4096; // 2 MiB
-constexpr std::uint64_t skip_min = 256u << 10;            // working-set reads the rest skips
-constexpr std::size_t lead_regions = 4;                   // see one_pass below
-
-load_plan plan_load(const memory::snapshot_image& img, const memory::guest_memory& mem,
-                    const std::vector<std::uint32_t>& working_set) {
-  load_plan plan;
-  auto& v = plan.extents;
-  const std::uint64_t pages = img.size() / memory::page_size;
-  // The working set's regions in first-touch order, each with its pages.
-  std::vector<std::uint32_t> region_order;
-  std::vector<std::vector<std::uint32_t>> by_region((pages + region_pages - 1) / region_pages);
-  std::vector<bool> in_set(pages);
-  for (std::uint32_t pg : working_set) {
-    if (pg >= pages || in_set[pg]) continue; // checked when decoded; cheap to be sure
-    in_set[pg] = true;
-    auto& r = by_region[pg / region_pages];
-    if (r.empty()) region_order.push_back(static_cast<std::uint32_t>(pg / region_pages));
-    r.push_back(pg);
-  }
-  std::vector<std::size_t> region_end; // v.size() after each region
-  for (std::uint32_t region : region_order) {
-    auto& list = by_region[region];
-    std::sort(list.begin(), list.end());
-    const std::size_t first = v.size();
-    for (std::uint32_t pg : list) {
-      const std::uint64_t a = std::uint64_t{pg} * memory::page_size;
-      const auto* layer = img.layer_at(a);
-      if (!layer || !layer->file()) continue;
-      const std::uint64_t off = layer->base() + a;
-      if (v.size() > first && v.back().fd == layer->fd()) {
-        auto& last = v.back();
-        const std::uint64_t end = last.offset + last.length;
-        if (off >= end && off - end <= gap_pages * memory::page_size) {
-          bool same = true; // the gap comes from this file too (not a hole, not a layer above)
-          for (std::uint64_t g = end - layer->base(); g < a && same; g += memory::page_size)
-            same = img.layer_at(g) == layer;
-          if (same) {
-            last.length = off + memory::page_size - last.offset;
-            continue;
-          }
-        }
-      }
-      v.push_back({layer->fd(), off, memory::page_size,
-                   mem.host_address_for_mapping(guest_phys_addr{a})});
-    }
-    region_end.push_back(v.size());
-  }
-  // A working set spread over most of the file gains little from going first: its regions in
-  // first-touch order are the whole file in random order, slower than one pass in address order
-  // (lazy_load_bench, 24 MiB scattered over 256 MiB: everything resident after 110-117 ms in
-  // one pass, 130-180 ms working set first). Then only its first `lead_regions` regions go
-  // first (what the guest touches at once: its stack, data, the I/O buffers...), the one pass
-  // follows, and the working set is resident when the pass ends.
-  std::uint64_t ws_bytes = 0, file_bytes = 0;
-  for (const auto& x : v)
-    ws_bytes += x.length;
-  for (const auto& e : img.extents())
-    if (img.layers()[e.layer]->file()) file_bytes += e.hi - e.lo;
-  const bool one_pass = ws_bytes * 2 > file_bytes;
-  if (one_pass && region_end.size() > lead_regions) v.resize(region_end[lead_regions - 1]);
-  plan.working_set_extents = v.size();
-  // The rest: each file extent minus the working-set reads of at least `skip_min` (guest
-  // ranges); smaller ones are read again rather than cutting the rest into small requests.
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> done;
-  for (std::size_t i = 0; i < plan.working_set_extents; ++i)
-    if (v[i].length >= skip_min) {
-      const auto lo = static_cast<std::uint64_t>(v[i].host - mem.host_address_for_mapping(guest_phys_addr{0}));
-      done.emplace_back(lo, lo + v[i].length);
-    }
-  std::sort(done.begin(), done.end());
-  for (const auto& e : img.extents()) {
-    const auto& layer = *img.layers()[e.layer];
-    if (!layer.file()) continue;
-    auto push = [&](std::uint64_t lo, std::uint64_t hi) {
-      if (lo < hi)
-        v.push_back({layer.fd(), layer.base() + lo, hi - lo,
-                     mem.host_address_for_mapping(guest_phys_addr{lo})});
-    };
-    std::uint64_t at = e.lo;
-    auto it = std::lower_bound(done.begin(), done.end(), std::pair{e.lo, std::uint64_t{0}});
-    if (it != done.begin() && std::prev(it)->second > e.lo) --it;
-    for (; it != done.end() && it->first < e.hi; ++it) {
-      push(at, std::max(at, it->first));
-      at = std::max(at, it->second);
-    }
-    push(at, e.hi);
-  }
-  if (one_pass) plan.working_set_extents = v.size();
-  plan.one_pass = one_pass || working_set.empty();
-  return plan;
-}
-
 std::chrono::nanoseconds since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t);
 }
 
-int host_prot(memory::protection p) {
-  int out = PROT_NONE;
-  if (memory::has(p, memory::protection::read)) out |= PROT_READ;
-  if (memory::has(p, memory::protection::write)) out |= PROT_WRITE;
-  return out;
-}
 
 } // namespace
 
@@ -160,8 +41,10 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   load_complete = false;
   if (o.mode == load_mode::demand) return {};
 
-  load_plan plan =
-      plan_load(*s.image, mem, o.mode == load_mode::eager ? std::vector<std::uint32_t>{} : s.working_set);
+  memory::load_plan plan =
+      memory::plan_load(*s.image, mem,
+                        o.mode == load_mode::eager ? std::span<const std::uint32_t>{}
+                                                   : std::span<const std::uint32_t>(s.working_set));
   memory::prefetch_options po;
   po.chunk_bytes = o.chunk_bytes;
   po.queue_depth = o.queue_depth;
@@ -190,12 +73,9 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   }
   prefetch_started = std::chrono::steady_clock::now();
   if (cpu->kind() == vcpu::backend_kind::kvm) { // see prefault_resident()
-    const auto base = mem.host_address_for_mapping(guest_phys_addr{0});
-    for (std::size_t i = 0; i < plan.extents.size(); ++i) {
-      const auto lo = static_cast<std::uint64_t>(plan.extents[i].host - base);
-      (i < plan.working_set_extents ? prefault_ws : prefault_all)
-          .emplace_back(lo, lo + plan.extents[i].length);
-    }
+    const auto ws_end = plan.guest.begin() + static_cast<std::ptrdiff_t>(plan.working_set_extents);
+    prefault_ws.assign(plan.guest.begin(), ws_end);
+    prefault_all.assign(ws_end, plan.guest.end());
   }
   if (o.mode == load_mode::eager) {
     // Everything in before the guest may run, driven on this thread.
@@ -326,13 +206,12 @@ result<void> sandbox::impl::start_recording() {
   r.snapshot_id = base->id;
   if (cpu->kind() == vcpu::backend_kind::emulated) {
     // The host protection of every RAM page now: read-write, except where the guest tightened.
-    std::vector<int> prot_of(pages, PROT_READ | PROT_WRITE);
+    std::vector<memory::protection> prot_of(pages, memory::prot_rw);
     for (const auto& c : prot.list())
       if (const auto* reg = mem.find(c.start))
         std::fill_n(prot_of.begin() + static_cast<std::ptrdiff_t>(c.start.value / memory::page_size),
-                    c.size / memory::page_size, host_prot(detail::host_level(*reg, c.to)));
-    KILN_TRY_ASSIGN(r.recorder, memory::touch_recorder::start(
-                                    mem.host_address_for_mapping(guest_phys_addr{0}), prot_of));
+                    c.size / memory::page_size, detail::host_level(*reg, c.to));
+    KILN_TRY_ASSIGN(r.recorder, mem.record_touches(prot_of));
   } else {
     // KVM touches guest RAM from the kernel, where protection faults would fail KVM_RUN: the
     // pages that become resident are recorded, call by call. Those resident now (the host wrote
