@@ -234,6 +234,17 @@ protected:
     put_header(h);
   }
 
+  /// `good` edited by `edit` is refused with `want`; `good` is written back afterwards.
+  template <class F>
+  void expect_header_edit_fails(const ksnap::header& good, F edit, memory_errc want,
+                                const char* why) const {
+    auto h = good;
+    edit(h);
+    put_header(h);
+    expect_open_fails(want, why);
+    put_header(good);
+  }
+
   void expect_open_fails(memory_errc want, const char* why) const {
     auto f = snapshot_file::open(path_);
     ASSERT_FALSE(f) << why << ": opened";
@@ -527,11 +538,7 @@ TEST_F(SnapshotFile, RefusesAWrongMagicArchPageSizeOrVersion) {
   write_valid();
   const auto good = header();
   auto check = [&](auto edit, memory_errc want, const char* why) {
-    auto h = good;
-    edit(h);
-    put_header(h);
-    expect_open_fails(want, why);
-    put_header(good);
+    expect_header_edit_fails(good, edit, want, why);
   };
   check([](auto& h) { h.magic[7] = 'Q'; }, memory_errc::snapshot_bad_magic, "magic");
   check([](auto& h) { h.arch = 2; }, memory_errc::snapshot_unsupported, "arch");
@@ -553,11 +560,7 @@ TEST_F(SnapshotFile, RefusesBadSizesAndOffsets) {
   write_valid();
   const auto good = header();
   auto check = [&](auto edit, memory_errc want, const char* why) {
-    auto h = good;
-    edit(h);
-    put_header(h);
-    expect_open_fails(want, why);
-    put_header(good);
+    expect_header_edit_fails(good, edit, want, why);
   };
   using enum memory_errc;
   check([](auto& h) { h.memory_size = 0; }, snapshot_corrupt, "memory size 0");
