@@ -6,6 +6,7 @@
 #include <kiln/vcpu/kvm/detail/kick_signal.hpp>
 #include <kiln/vcpu/kvm/detail/kick_state.hpp>
 #include <kiln/vcpu/kvm/detail/kvm_handles.hpp>
+#include <kiln/vcpu/kvm/detail/kvm_ioctls.hpp>
 #include <kiln/vcpu/kvm/x86_64/kvm_state.hpp>
 #include <kiln/vcpu/vcpu_errc.hpp>
 
@@ -129,35 +130,22 @@ private:
   bool prefault_checked_ = false, prefault_unsupported_ = false;
 };
 
-// KVM_PRE_FAULT_MEMORY (Linux 6.10), absent from older kernel headers (Debian 12 ships 6.1).
-namespace {
-constexpr int cap_pre_fault_memory = 236; // KVM_CAP_PRE_FAULT_MEMORY
-struct pre_fault_memory {
-  std::uint64_t gpa;
-  std::uint64_t size;
-  std::uint64_t flags;
-  std::uint64_t padding[5];
-};
-static_assert(sizeof(pre_fault_memory) == 64, "struct kvm_pre_fault_memory");
-const unsigned long pre_fault_request = _IOWR(KVMIO, 0xd5, pre_fault_memory);
-} // namespace
-
 bool kvm_backend::prefault(memory::guest_phys_addr gpa, std::uint64_t size) noexcept {
   if (prefault_unsupported_) return false;
   if (!prefault_checked_) {
     prefault_checked_ = true;
-    if (ioctl_retry(vm_.fd(), KVM_CHECK_EXTENSION, cap_pre_fault_memory) <= 0) {
+    if (ioctl_retry(vm_.fd(), KVM_CHECK_EXTENSION, detail::cap_pre_fault_memory) <= 0) {
       prefault_unsupported_ = true;
       return false;
     }
   }
-  pre_fault_memory r{};
+  detail::pre_fault_memory r{};
   r.gpa = gpa.value;
   r.size = size;
   // The kernel advances gpa and shrinks size as it goes; EINTR and EAGAIN leave the rest to do.
   while (r.size != 0) {
     // SAFETY: r has kvm_pre_fault_memory's layout; the vCPU is not running (run() is not).
-    if (::ioctl(vcpu_.fd(), pre_fault_request, &r) == 0) continue;
+    if (::ioctl(vcpu_.fd(), detail::pre_fault_memory_request, &r) == 0) continue;
     if (errno == EINTR || errno == EAGAIN) continue;
     if (errno == ENOTTY || errno == EINVAL || errno == EOPNOTSUPP) prefault_unsupported_ = true;
     return false;
@@ -183,7 +171,7 @@ result<std::unique_ptr<vcpu>> kvm_backend::create() {
     table->nent = static_cast<std::uint32_t>(host->guest_cpuid.size());
     std::copy(host->guest_cpuid.begin(), host->guest_cpuid.end(), table->entries);
     // SAFETY: cpuid_table has kvm_cpuid2's layout with room for `nent` entries.
-    if (ioctl_retry(vcpu_fd.fd(), KVM_SET_CPUID2, table.get()) == -1)
+    if (ioctl_retry(vcpu_fd.fd(), detail::set_cpuid2_request, table.get()) == -1)
       return kvm_error(vcpu_errc::create_failed, "KVM_SET_CPUID2", errno);
   }
 
@@ -226,20 +214,29 @@ result<void> kvm_backend::map_memory(const memory::guest_memory& mem) {
     if (r.prot == memory::protection::none || r.size == 0) continue;
     const std::uint64_t start = r.start.value;
     std::uint64_t end = 0;
+    // RAM regions lie in [0, size()), mapped files in the file room above it (address_limit()).
     if (!memory::is_aligned(start, memory::page_size) ||
         !memory::is_aligned(r.size, memory::page_size) ||
-        __builtin_add_overflow(start, r.size, &end) || end > mem.size())
+        __builtin_add_overflow(start, r.size, &end) || end > mem.address_limit())
       return error(vcpu_errc::map_failed,
-                   fmt::format("region {} [{:#x}, +{:#x}) is not page-aligned inside guest memory",
-                               r.name, start, r.size));
-    if (end > x86_64::reserved_gpa_start)
+                   fmt::format("region {} [{:#x}, +{:#x}) is not page-aligned inside guest memory "
+                               "(which ends at {:#x})",
+                               r.name, start, r.size, mem.address_limit()));
+    if (start < x86_64::reserved_gpa_end && end > x86_64::reserved_gpa_start)
       return error(vcpu_errc::map_failed,
-                   fmt::format("region {} ends at {:#x}, above {:#x} where KVM keeps its TSS and "
-                               "identity-map pages",
-                               r.name, end, x86_64::reserved_gpa_start));
-    // Without KVM_CAP_READONLY_MEM a read-only region is mapped writable: its pages are still
-    // read-only in the guest's page tables, only not against the CPU's own writes.
-    const bool read_only = readonly_mem_ && !memory::has(r.prot, memory::protection::write);
+                   fmt::format("region {} [{:#x}, {:#x}) overlaps [{:#x}, {:#x}), where KVM keeps "
+                               "its TSS and identity-map pages",
+                               r.name, start, end, x86_64::reserved_gpa_start,
+                               x86_64::reserved_gpa_end));
+    // A read-only memslot for what the guest sees read-only (code, read-only data, boot info,
+    // mapped files), so not even the CPU's own writes get through. Not for regions the guest
+    // cannot see (the page tables): the CPU's page walker writes accessed and dirty bits there,
+    // and on AMD every guest page-table access is a write at the nested level. The guest's own
+    // page tables keep the guest out of them. Without KVM_CAP_READONLY_MEM a read-only region
+    // is mapped writable: its pages are still read-only in the guest's page tables and in the
+    // host mapping.
+    const bool read_only =
+        readonly_mem_ && r.guest_visible && !memory::has(r.prot, memory::protection::write);
     // SAFETY: [start, end) lies inside the guest memory mapping (checked above); KVM records the
     // host address, and map_memory's contract keeps `mem` alive as long as this vCPU.
     const auto host = reinterpret_cast<std::uintptr_t>(mem.host_address_for_mapping(r.start));

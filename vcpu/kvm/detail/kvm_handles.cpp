@@ -1,6 +1,8 @@
 // The KVM handle owners: opening /dev/kvm, creating a VM and a vCPU, each checked once.
 #include <kiln/vcpu/kvm/detail/kvm_handles.hpp>
 
+#include <kiln/vcpu/kvm/detail/kvm_ioctls.hpp>
+
 #include <fmt/format.h>
 
 #include <algorithm>
@@ -82,7 +84,7 @@ result<std::vector<kvm_cpuid_entry2>> kvm_system::supported_cpuid() const {
   table->nent = cpuid_table::capacity;
   // SAFETY: cpuid_table has kvm_cpuid2's layout (static_assert in the header) with `capacity`
   // entries behind it; the kernel writes at most `nent` of them and updates `nent`.
-  if (ioctl_retry(fd(), KVM_GET_SUPPORTED_CPUID, table.get()) == -1)
+  if (ioctl_retry(fd(), get_supported_cpuid_request, table.get()) == -1)
     return kvm_error(vcpu_errc::create_failed, "KVM_GET_SUPPORTED_CPUID", errno);
   const std::uint32_t n = std::min(table->nent, cpuid_table::capacity);
   return std::vector<kvm_cpuid_entry2>(table->entries, table->entries + n);

@@ -24,9 +24,8 @@ error kvm_error(vcpu_errc code, std::string_view what, int err);
 
 /// KVM_GET_SUPPORTED_CPUID / KVM_SET_CPUID2 argument: `struct kvm_cpuid2` with room for the
 /// kernel's maximum number of entries (KVM_MAX_CPUID_ENTRIES is 256 since Linux 5.x). Spelled
-/// out because `kvm_cpuid2` ends in a flexible array, which C++ cannot embed in a struct, and
-/// because Linux 6.1's uapi headers declare that array so that, compiled as C++, it sits at
-/// offset 12 instead of the kernel's 8 (`__DECLARE_FLEX_ARRAY`'s empty struct has size 1 in C++).
+/// out because `kvm_cpuid2` ends in a flexible array, which C++ cannot embed in a struct; the
+/// request numbers that go with it are in kvm_ioctls.hpp, for the same reason.
 struct cpuid_table {
   static constexpr std::uint32_t capacity = 256;
   std::uint32_t nent = 0;

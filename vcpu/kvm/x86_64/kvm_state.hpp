@@ -17,8 +17,10 @@ inline constexpr std::uint64_t tss_addr = 0xfffbd000;
 /// KVM's default EPT identity-map page (one page below the TSS), used on the same hosts. kiln
 /// leaves it at its default; KVM_SET_IDENTITY_MAP_ADDR would only move it.
 inline constexpr std::uint64_t identity_map_addr = 0xfffbc000;
-/// Guest memory must end at or below this address so that no memslot overlaps those pages.
+/// No memslot may overlap [reserved_gpa_start, reserved_gpa_end): those pages, and the rest up
+/// to 4 GiB, stay KVM's. Guest RAM ends below them; the file room may lie above 4 GiB.
 inline constexpr std::uint64_t reserved_gpa_start = identity_map_addr;
+inline constexpr std::uint64_t reserved_gpa_end = 0x100000000;
 
 registers from_kvm(const kvm_regs& r) noexcept;
 kvm_regs to_kvm(const registers& r) noexcept;
