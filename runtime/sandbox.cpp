@@ -327,6 +327,14 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
                 fmt::format("{} {} address {:#x} at rip {:#x}", access_name(f.access),
                             f.unmapped ? "of unmapped" : "forbidden at", f.address, f.rip)));
     }
+    step operator()(const backing_lost& b) const {
+      // The truncated file, when that is what happened (checked in on_exit, before this).
+      return step::failed(error(
+          errc::memory_violation,
+          fmt::format("guest memory{} lost its host backing{} (rip {:#x})",
+                      b.gpa_known ? fmt::format(" at {:#x}", b.gpa) : std::string(),
+                      b.hw_poison ? ": the host page is poisoned" : "", b.rip)));
+    }
     step operator()(const shutdown& s) const {
       return step::failed(
           error(errc::guest_halted, fmt::format("triple fault (shutdown) near rip {:#x}", s.rip)));
@@ -343,9 +351,11 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
   };
   ++stats.exits;
   if (!std::holds_alternative<io_out>(e)) ++stats.exits_other;
-  // Lost pages of a truncated mapped file come first: the emulated backend was kicked by the
-  // SIGBUS handler, and on KVM the touch surfaces as a failed run.
+  // Lost pages of a truncated file come first: the emulated backend was kicked by the SIGBUS
+  // handler; on KVM the touch surfaces as backing_lost, or as another exit of a guest that read
+  // what it did not expect.
   if (file_faults.first_lost.load(std::memory_order_relaxed) != 0 ||
+      std::holds_alternative<backing_lost>(e) ||
       (!files.empty() && !std::holds_alternative<io_out>(e)))
     if (auto lost = lost_file_pages()) return step::failed(std::move(*lost));
   return std::visit(visitor{*this, init}, e);

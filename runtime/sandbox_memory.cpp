@@ -8,6 +8,8 @@
 #include <cstddef>
 #include <cstring>
 
+#include <sys/stat.h>
+
 namespace kiln {
 
 using detail::step;
@@ -189,6 +191,13 @@ std::optional<error> sandbox::impl::name_memory_fault(std::uint64_t addr, bool w
                      fmt::format("{} at {:#x} in read-only mapped file '{}' (rip {:#x})", access,
                                  addr, f->name, rip));
   }
+  // Data is never executable: NX in the page tables on KVM, the region's rights on the emulated
+  // backend; both say so in the same words.
+  if (fetch && r && r->guest_visible && r->kind != memory::region_kind::file &&
+      !memory::has(r->prot, memory::protection::exec))
+    return error(errc::memory_violation,
+                 fmt::format("execute at {:#x} in non-executable {} (rip {:#x})", addr, r->name,
+                             rip));
   if (!r && addr >= mem.size() && addr < mem.address_limit())
     return error(errc::memory_violation,
                  fmt::format("{} at {:#x}: no file is mapped there (rip {:#x})", access, addr, rip));
@@ -222,6 +231,20 @@ std::optional<error> sandbox::impl::lost_file_pages() {
                                f->name, f->file.identity().path, f->file.identity().size, where));
     }
   }
+  // On KVM no handler saw the touch (the kernel's own access failed): look at the files.
+  if (host == 0)
+    if (const auto& img = mem.image())
+      for (const auto& l : img->layers()) {
+        struct stat st {};
+        if (l->base() == 0 || ::fstat(l->fd(), &st) != 0) continue;
+        const auto now = static_cast<std::uint64_t>(st.st_size);
+        if (now < l->base() + mem.size())
+          return error(errc::memory_violation,
+                       fmt::format("the snapshot file backing guest memory was truncated: it is "
+                                   "now {} bytes, its data ended at {}{}",
+                                   now, l->base() + mem.size(),
+                                   l->file() ? " (" + l->file()->path + ")" : std::string()));
+      }
   const auto* ram = mem.host_address_for_mapping(guest_phys_addr{0});
   const auto* lost = reinterpret_cast<const std::byte*>(host);
   if (host != 0 && lost >= ram && lost < ram + mem.size())

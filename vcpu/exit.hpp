@@ -48,6 +48,16 @@ struct memory_fault {
   bool unmapped; // true: no memory there at all; false: the region forbids this access
   std::uint64_t rip;
 };
+/// Guest memory whose host backing failed while the guest touched it (KVM_RUN failing with EFAULT
+/// or EHWPOISON): a mapped file or snapshot file truncated under the guest, a host mapping
+/// removed, or host memory poisoned. KVM says which guest-physical address only for some of these
+/// (KVM_EXIT_MEMORY_FAULT, Linux 6.8+); `gpa_known` is false otherwise.
+struct backing_lost {
+  std::uint64_t gpa;
+  bool gpa_known;
+  bool hw_poison; // EHWPOISON: the host page is poisoned, not just unmapped
+  std::uint64_t rip;
+};
 /// Triple fault (KVM_EXIT_SHUTDOWN): the guest reset itself.
 struct shutdown {
   std::uint64_t rip;
@@ -66,8 +76,8 @@ struct internal_error {
 } // namespace exits
 
 using exit = std::variant<exits::io_out, exits::io_in, exits::halt, exits::mmio, exits::exception,
-                          exits::memory_fault, exits::shutdown, exits::fail_entry, exits::cancelled,
-                          exits::internal_error>;
+                          exits::memory_fault, exits::backing_lost, exits::shutdown,
+                          exits::fail_entry, exits::cancelled, exits::internal_error>;
 
 /// A short human name for an exit's kind ("io_out", "exception", ...).
 const char* exit_name(const exit& e) noexcept;

@@ -80,6 +80,7 @@ const char* exit_name(const exit& e) noexcept {
     const char* operator()(const exits::mmio&) const { return "mmio"; }
     const char* operator()(const exits::exception&) const { return "exception"; }
     const char* operator()(const exits::memory_fault&) const { return "memory_fault"; }
+    const char* operator()(const exits::backing_lost&) const { return "backing_lost"; }
     const char* operator()(const exits::shutdown&) const { return "shutdown"; }
     const char* operator()(const exits::fail_entry&) const { return "fail_entry"; }
     const char* operator()(const exits::cancelled&) const { return "cancelled"; }

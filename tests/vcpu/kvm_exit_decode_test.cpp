@@ -312,26 +312,29 @@ TEST(kvm_exit_decode, internal_error_suberror_names) {
 
 // ---- KVM_RUN failures ------------------------------------------------------------------------
 
-TEST(kvm_exit_decode, efault_with_a_memory_fault_exit_is_a_memory_fault) {
+TEST(kvm_exit_decode, efault_with_a_memory_fault_exit_is_backing_lost_at_its_gpa) {
   fake_run_area a;
   a.run().exit_reason = 39; // KVM_EXIT_MEMORY_FAULT (Linux 6.8)
   const std::uint64_t payload[3] = {0 /* flags */, 0x123000 /* gpa */, 0x1000 /* size */};
   std::memcpy(&a.run().hw, payload, sizeof payload);
   for (int err : {EFAULT, EHWPOISON}) {
     SCOPED_TRACE(err);
-    const auto mf = as<exits::memory_fault>(decode_run_failure(a.run(), err, no_vcpu_fd));
-    EXPECT_EQ(mf.address, 0x123000u);
-    EXPECT_TRUE(mf.unmapped);
+    const auto bl = as<exits::backing_lost>(decode_run_failure(a.run(), err, no_vcpu_fd));
+    EXPECT_EQ(bl.gpa, 0x123000u);
+    EXPECT_TRUE(bl.gpa_known);
+    EXPECT_EQ(bl.hw_poison, err == EHWPOISON);
   }
 }
 
-TEST(kvm_exit_decode, efault_without_a_memory_fault_exit_is_an_internal_error) {
+TEST(kvm_exit_decode, efault_without_a_memory_fault_exit_is_backing_lost_somewhere) {
   fake_run_area a;
   a.run().exit_reason = KVM_EXIT_UNKNOWN; // what run() resets it to before KVM_RUN
-  auto ie = as<exits::internal_error>(decode_run_failure(a.run(), EFAULT, no_vcpu_fd));
-  EXPECT_NE(ie.what.find("EFAULT"), std::string::npos) << ie.what;
-  ie = as<exits::internal_error>(decode_run_failure(a.run(), EHWPOISON, no_vcpu_fd));
-  EXPECT_NE(ie.what.find("EHWPOISON"), std::string::npos) << ie.what;
+  auto bl = as<exits::backing_lost>(decode_run_failure(a.run(), EFAULT, no_vcpu_fd));
+  EXPECT_FALSE(bl.gpa_known);
+  EXPECT_FALSE(bl.hw_poison);
+  bl = as<exits::backing_lost>(decode_run_failure(a.run(), EHWPOISON, no_vcpu_fd));
+  EXPECT_FALSE(bl.gpa_known);
+  EXPECT_TRUE(bl.hw_poison);
 }
 
 TEST(kvm_exit_decode, other_run_failures_name_the_errno) {

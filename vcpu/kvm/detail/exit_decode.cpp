@@ -216,14 +216,11 @@ exit decode_run_failure(const kvm_run& run, int err, int vcpu_fd) {
       // SAFETY: the exit union (whose first member is `hw`) is 256 bytes; KVM wrote this
       // payload there for this KVM_RUN (the caller reset exit_reason before it).
       std::memcpy(&mf, &run.hw, sizeof mf);
-      // KVM does not say whether the access was a read, a write or a fetch.
-      return exits::memory_fault{mf.gpa, access_kind::read, true, read_rip(vcpu_fd)};
+      return exits::backing_lost{mf.gpa, true, err == EHWPOISON, read_rip(vcpu_fd)};
     }
-    return exits::internal_error{
-        fmt::format("KVM_RUN: {}: guest memory has no usable host backing (a mapping removed, "
-                    "or a mapped file truncated)",
-                    err == EFAULT ? "EFAULT" : "EHWPOISON"),
-        read_rip(vcpu_fd)};
+    // Linux 6.12 still fails a plain host-side fault (a truncated file, a PROT_NONE page) with a
+    // bare EFAULT: the caller must find out which backing went away.
+    return exits::backing_lost{0, false, err == EHWPOISON, read_rip(vcpu_fd)};
   }
   return exits::internal_error{fmt::format("KVM_RUN: {}", std::generic_category().message(err)),
                                read_rip(vcpu_fd)};

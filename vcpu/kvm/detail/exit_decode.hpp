@@ -76,9 +76,9 @@ struct decoded_exit {
 /// errors), never for io_out or io_in.
 decoded_exit decode_exit(const kvm_run& run, std::size_t run_size, int vcpu_fd);
 
-/// The exit for KVM_RUN failing with `err` (not EINTR): memory_fault for KVM_EXIT_MEMORY_FAULT
-/// (EFAULT/EHWPOISON with that reason; exit_reason must have been reset before KVM_RUN),
-/// internal_error naming the errno otherwise.
+/// The exit for KVM_RUN failing with `err` (not EINTR): backing_lost for EFAULT and EHWPOISON,
+/// at the guest-physical address of a KVM_EXIT_MEMORY_FAULT when KVM left one (exit_reason must
+/// have been reset before KVM_RUN); internal_error naming the errno otherwise.
 exit decode_run_failure(const kvm_run& run, int err, int vcpu_fd);
 
 /// The vCPU's RIP, or 0 if KVM_GET_REGS fails. Costs one ioctl.
