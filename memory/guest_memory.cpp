@@ -215,6 +215,23 @@ result<std::vector<byte_range>> guest_memory::resident_ranges() const {
   return scan_ram(mapping_.data(), size(), detail::page_filter::resident);
 }
 
+result<std::vector<byte_range>> guest_memory::touched_ranges() const {
+  return scan_ram(mapping_.data(), size(), detail::page_filter::touched);
+}
+
+result<void> guest_memory::unmap_clean() {
+  KILN_TRY_ASSIGN(auto clean, scan_ram(mapping_.data(), size(), detail::page_filter::clean));
+  for (const auto& [lo, hi] : clean) {
+    ++host_syscalls_;
+    // SAFETY: [lo, hi) is RAM of this mapping whose pages are an image's or the zero page (the
+    // scan just said so, and the guest is not running): dropping them loses nothing, and the next
+    // access maps the same bytes again.
+    if (::madvise(mapping_.data() + lo, hi - lo, MADV_DONTNEED) != 0)
+      return errno_error("madvise(DONTNEED) of clean guest pages");
+  }
+  return {};
+}
+
 result<void> guest_memory::revert(guest_phys_addr a, std::uint64_t len, bool copy) {
   if (!image_) return error(memory_errc::out_of_bounds, "guest RAM has no snapshot image");
   KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));

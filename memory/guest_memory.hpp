@@ -139,6 +139,15 @@ public:
   /// RAM ranges whose pages are mapped in the host now, the image's shared pages included (what
   /// the guest, or the host for it, has touched since RAM was mapped, plus what was prefetched).
   result<std::vector<byte_range>> resident_ranges() const;
+  /// RAM ranges the guest (or the host for it) has touched since they were last unmapped: every
+  /// present page, the shared zero page included (a read of a hole maps it). What recording on
+  /// KVM reads after each call, where no fault reaches user space.
+  result<std::vector<byte_range>> touched_ranges() const;
+  /// Unmaps every RAM page that holds nothing of the guest's own (a page still the image's, or
+  /// the shared zero page), so that the next touch of each faults again and shows in
+  /// touched_ranges(). Nothing is lost: the image's pages stay in the page cache. Pages written
+  /// since RAM was backed stay mapped. Between runs only. Counted in host_syscalls().
+  result<void> unmap_clean();
   /// Whether a fault on RAM mapped from an image reads around the faulting page (the kernel's
   /// default, MADV_NORMAL) or only that page (MADV_RANDOM). Counted in host_syscalls().
   result<void> set_read_around(bool on);

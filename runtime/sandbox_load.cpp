@@ -182,7 +182,7 @@ void sandbox::impl::after_run(std::uint64_t faults, std::uint64_t major, bool ca
     awaiting_first_result = false;
     ls.to_first_result = since(load_started);
   }
-  if (rec && cpu->kind() == vcpu::backend_kind::kvm) record_resident_pages();
+  if (rec && cpu->kind() == vcpu::backend_kind::kvm) record_touched_pages();
 }
 
 void sandbox::wait_loaded() {
@@ -213,13 +213,16 @@ result<void> sandbox::impl::start_recording() {
                     c.size / memory::page_size, detail::host_level(*reg, c.to));
     KILN_TRY_ASSIGN(r.recorder, mem.record_touches(prot_of));
   } else {
-    // KVM touches guest RAM from the kernel, where protection faults would fail KVM_RUN: the
-    // pages that become resident are recorded, call by call. Those resident now (the host wrote
-    // them while creating the sandbox, or an earlier call touched them) are not: they say
-    // nothing about this call. So record in a sandbox just created, with load_mode::demand.
+    // KVM touches guest RAM from the kernel, where a protection fault fails KVM_RUN with a bare
+    // EFAULT (Linux 6.12 gives no address for it): instead, every page that still holds only
+    // the image's bytes (or the zero page) is unmapped now, so that its next touch, a read as
+    // much as a write, maps it again, and the pages mapped after each call are recorded. Pages
+    // the sandbox wrote before recording began stay mapped and are not seen: record right
+    // after create() or restore(), where those are few.
+    KILN_TRY(mem.unmap_clean());
     r.seen.assign(pages, false);
     rec.emplace(std::move(r));
-    record_resident_pages();
+    record_touched_pages();
     rec->pages.clear();
     recorded.reset();
     return {};
@@ -229,8 +232,8 @@ result<void> sandbox::impl::start_recording() {
   return {};
 }
 
-void sandbox::impl::record_resident_pages() {
-  auto ranges = mem.resident_ranges();
+void sandbox::impl::record_touched_pages() {
+  auto ranges = mem.touched_ranges();
   if (!ranges) return; // a scan that fails records nothing more; the list stays a valid prefix
   for (const auto& [b, e] : *ranges)
     for (std::uint64_t a = b; a < e; a += memory::page_size) {
@@ -251,7 +254,7 @@ void sandbox::impl::end_recording() noexcept {
     ws.complete = pages && !rec->recorder.overflowed();
     if (pages) ws.pages = std::move(*pages);
   } else {
-    record_resident_pages();
+    record_touched_pages();
     ws.pages = std::move(rec->pages);
   }
   rec.reset();

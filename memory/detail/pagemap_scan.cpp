@@ -37,16 +37,26 @@ result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter 
   arg.end = hi;
   arg.vec = reinterpret_cast<std::uintptr_t>(regions);
   arg.vec_len = std::size(regions);
-  if (filter == page_filter::resident) {
+  switch (filter) {
+  case page_filter::resident:
     // Not mincore: a read of an untouched or discarded anonymous page maps the shared zero
     // page, which costs nothing but mincore reports resident.
     arg.category_mask = page_is_present | page_is_pfnzero;
     arg.category_inverted = page_is_pfnzero;
-  } else {
+    break;
+  case page_filter::private_:
     // Not the zero page either: where no layer of an image has data, RAM is anonymous memory,
     // and a read there maps the zero page, which holds nothing of this guest's.
     arg.category_mask = page_is_present | page_is_file | page_is_pfnzero;
     arg.category_inverted = page_is_file | page_is_pfnzero;
+    break;
+  case page_filter::touched:
+    arg.category_mask = page_is_present;
+    break;
+  case page_filter::clean:
+    arg.category_mask = page_is_present;
+    arg.category_anyof_mask = page_is_file | page_is_pfnzero;
+    break;
   }
   arg.return_mask = page_is_present;
   bool scanned = true;
@@ -78,10 +88,21 @@ result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter 
                      : error(memory_errc::out_of_bounds, "short pagemap read");
     for (std::uint64_t i = 0; i < n; ++i) {
       const std::uint64_t e = entries[i];
-      const bool match = filter == page_filter::resident
-                             ? (e & (present | exclusive)) == (present | exclusive)
-                             : (e & (present | file_or_shared | exclusive)) ==
-                                   (present | exclusive);
+      bool match = false;
+      switch (filter) {
+      case page_filter::resident:
+        match = (e & (present | exclusive)) == (present | exclusive);
+        break;
+      case page_filter::private_:
+        match = (e & (present | file_or_shared | exclusive)) == (present | exclusive);
+        break;
+      case page_filter::touched:
+        match = (e & present) != 0;
+        break;
+      case page_filter::clean:
+        match = (e & (present | file_or_shared)) == (present | file_or_shared);
+        break;
+      }
       if (match) {
         const std::uintptr_t at = lo + (done + i) * page_size;
         append(out, at, at + page_size);

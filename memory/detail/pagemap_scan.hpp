@@ -55,12 +55,17 @@ enum class page_filter {
   resident, // present, and not the kernel's shared zero page
   private_, // present, anonymous, not the shared zero page (in a MAP_PRIVATE file mapping:
             // written since mapped)
+  touched,  // present, the shared zero page included (a read of a hole maps it)
+  clean,    // present and still a file's page or the shared zero page: holds nothing that
+            // would be lost if it were unmapped
 };
 
 /// The sub-ranges of host [lo, hi) (page-aligned) whose pages match `filter`, merged, in order.
 /// PAGEMAP_SCAN where the kernel has it (Linux 6.7+: cost follows the mapped pages, not the
 /// range), else a read of /proc/self/pagemap (8 bytes a page; for `resident`, present and
-/// exclusively mapped; for `private_`, present, exclusively mapped and neither file nor shared).
+/// exclusively mapped; for `private_`, present, exclusively mapped and neither file nor shared;
+/// for `touched`, present; for `clean`, present and file or shared, since the zero page cannot
+/// be told apart there without privileges).
 result<std::vector<std::pair<std::uintptr_t, std::uintptr_t>>> scan_pages(std::uintptr_t lo,
                                                                           std::uintptr_t hi,
                                                                           page_filter filter);

@@ -208,7 +208,7 @@ struct sandbox::impl {
   /// Ends a recording in progress into `recorded` (before anything that remaps or reprotects
   /// RAM, or hands it to the kernel).
   void end_recording() noexcept;
-  void record_resident_pages();
+  void record_touched_pages();
   /// Around each run of the guest: fault counting, first result, KVM recording.
   void before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept;
   void after_run(std::uint64_t faults, std::uint64_t major, bool call_ended) noexcept;
