@@ -5,8 +5,6 @@
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 
@@ -88,17 +86,17 @@ protected:
   void run(const params& p) {
     const auto t0 = clock_type::now();
     counters n;
-    // Replies for the asynchronous host function and the delayed emits run here.
-    asio::io_context timers;
-    auto timers_guard = asio::make_work_guard(timers);
-    std::thread timers_thread([&] { timers.run(); });
+    // Replies for the asynchronous host function and the delayed emits run here. Declared
+    // before the runtime, whose host function queues work on it: on an early return the runtime
+    // stops first, then the pool drains (a reply to a stopped runtime is dropped).
+    io_pool timers;
 
     host_functions fns;
     fns.add_async<std::int64_t(std::int64_t, std::int64_t)>(
         "host_add", [&timers](std::int64_t a, std::int64_t b, host_reply<std::int64_t> reply) {
           thread_local std::minstd_rand r(std::random_device{}());
-          auto t =
-              std::make_shared<asio::steady_timer>(timers, std::chrono::microseconds(r() % 500));
+          auto t = std::make_shared<asio::steady_timer>(timers.get_executor(),
+                                                        std::chrono::microseconds(r() % 500));
           t->async_wait([t, reply, a, b](error_code) { reply(a + b); });
         });
     const sandbox_config cfg = quiet_config("calc");
@@ -144,10 +142,8 @@ protected:
 
     auto caller = [&](std::size_t c) {
       std::mt19937_64 rng(0x5eed0000 + c);
-      asio::io_context own; // emit_on::caller: initiation, emits and completions run here
-      auto own_guard = asio::make_work_guard(own);
-      std::thread own_thread;
-      if (p.where == emit_on::caller) own_thread = std::thread([&] { own.run(); });
+      // emit_on::caller: initiation, emits and completions run here, on a thread of its own.
+      io_pool own(p.where == emit_on::caller ? 1 : 0);
       std::deque<std::shared_ptr<attempt>> inflight;
 
       auto issue = [&](const std::shared_ptr<attempt>& a) {
@@ -182,7 +178,8 @@ protected:
         });
         if (a->when == cancel_at::delay || a->when == cancel_at::twice) {
           // On the caller's own context the timer keeps it running until the emit is done.
-          auto t = std::make_shared<asio::steady_timer>(on_worker ? timers : own, a->delay);
+          auto t = std::make_shared<asio::steady_timer>(
+              on_worker ? timers.get_executor() : own.get_executor(), a->delay);
           t->async_wait([t, ex, emit](error_code) { asio::post(ex, emit); });
         }
         inflight.push_back(a);
@@ -294,17 +291,14 @@ protected:
         inflight.pop_front();
         settle(front);
       }
-      own_guard.reset();
-      if (own_thread.joinable()) own_thread.join();
-    };
+    }; // `own` drains (emits after completion, delayed emits) and joins here
 
-    std::vector<std::thread> callers;
-    for (std::size_t c = 0; c < p.callers; ++c)
-      callers.emplace_back(caller, c);
-    for (auto& t : callers)
-      t.join();
-    timers_guard.reset();
-    timers_thread.join();
+    {
+      std::vector<std::jthread> callers;
+      for (std::size_t c = 0; c < p.callers; ++c)
+        callers.emplace_back(caller, c);
+    } // joined
+    timers.join();
     while (n.destroyed.load() != n.replaced.load()) {
       if (clock_type::now() - t0 > 600s) dog.trip("old sandboxes never destroyed");
       std::this_thread::sleep_for(1ms);

@@ -39,11 +39,11 @@ protected:
       for (auto& sb : mine)
         if (sb && destroy_or_trip(sb, dog)) wrong.fetch_add(1);
     };
-    std::vector<std::thread> ts;
-    for (std::size_t t = 0; t < threads; ++t)
-      ts.emplace_back(body, t);
-    for (auto& t : ts)
-      t.join();
+    {
+      std::vector<std::jthread> ts;
+      for (std::size_t t = 0; t < threads; ++t)
+        ts.emplace_back(body, t);
+    } // joined
     EXPECT_EQ(alive, threads * per_thread) << "sandboxes alive at the peak";
     return peak;
   }
@@ -68,14 +68,14 @@ TEST_F(churn_stress, counters_return_to_baseline) {
     round(rt, threads, 1, dog, wrong);
     idle = read_proc(); // the runtime's threads, no sandbox
     peak = round(rt, threads, per_thread, dog, wrong);
-    after = read_proc();
+    after = read_proc_settled(idle.threads);
     peak2 = round(rt, threads, per_thread, dog, wrong); // churn again: nothing may accumulate
-    after2 = read_proc();
+    after2 = read_proc_settled(idle.threads);
     alive_after = rt.stats().sandboxes;
     ::malloc_trim(0); // what of the RSS is memory the allocator kept after free()
     trimmed = read_proc();
   }
-  const proc_counters end = read_proc();
+  const proc_counters end = read_proc_settled(before_runtime.threads);
   const double secs = std::chrono::duration<double>(clock_type::now() - t0).count();
   std::printf("[ stress   ] 2 x %zu sandboxes from %zu threads: %.1f s\n", threads * per_thread,
               threads, secs);
@@ -136,11 +136,12 @@ TEST_F(churn_stress, runtimes_come_and_go) {
     EXPECT_FALSE(ec) << ec.message();
     EXPECT_EQ(v, value{std::int32_t{42}});
   };
-  one(); // process-wide state that stays by design
+  // An ASSERT in `one` returns from the lambda only: stop the test there too.
+  ASSERT_NO_FATAL_FAILURE(one()); // process-wide state that stays by design
   const proc_counters before = read_proc();
   for (std::size_t i = 0; i < rounds; ++i)
-    one();
-  const proc_counters after = read_proc();
+    ASSERT_NO_FATAL_FAILURE(one());
+  const proc_counters after = read_proc_settled(before.threads);
   std::printf("[ stress   ] %zu runtimes: before %s\n[ stress   ]   after %s\n", rounds,
               before.str().c_str(), after.str().c_str());
   EXPECT_LE(after.fds, before.fds + 2);

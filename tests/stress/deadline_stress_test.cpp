@@ -93,11 +93,11 @@ protected:
       latencies.insert(latencies.end(), mine.begin(), mine.end());
     };
 
-    std::vector<std::thread> lanes;
-    for (std::size_t l = 0; l < p.lanes; ++l)
-      lanes.emplace_back(lane, l);
-    for (auto& t : lanes)
-      t.join();
+    {
+      std::vector<std::jthread> lanes;
+      for (std::size_t l = 0; l < p.lanes; ++l)
+        lanes.emplace_back(lane, l);
+    } // joined
     const runtime_stats st = rt.stats();
     rt.stop();
 

@@ -2,8 +2,6 @@
 // repeat their reply: every call completes once, as expected, and no sandbox is poisoned.
 #include "stress_support.hpp"
 
-#include <boost/asio/executor_work_guard.hpp>
-#include <boost/asio/io_context.hpp>
 #include <boost/asio/post.hpp>
 #include <boost/asio/steady_timer.hpp>
 #include <boost/asio/use_awaitable.hpp>
@@ -44,26 +42,13 @@ constexpr host_case cases[] = {
 
 class host_function_stress : public stress_test {
 protected:
-  void SetUp() override {
-    stress_test::SetUp();
-    if (IsSkipped()) return;
-    guard_.emplace(asio::make_work_guard(replies_));
-    for (int i = 0; i < 2; ++i)
-      pool_.emplace_back([this] { replies_.run(); });
-  }
-  void TearDown() override {
-    guard_.reset();
-    for (auto& t : pool_)
-      t.join();
-  }
-
   static std::chrono::microseconds jitter(unsigned max_us) {
     thread_local std::minstd_rand r(std::random_device{}());
     return std::chrono::microseconds(r() % max_us);
   }
   // Runs `f` on the reply pool after `d`.
   template <class F> void later(std::chrono::microseconds d, F f) {
-    auto t = std::make_shared<asio::steady_timer>(replies_, d);
+    auto t = std::make_shared<asio::steady_timer>(replies_.get_executor(), d);
     t->async_wait([t, f = std::move(f)](error_code) mutable { f(); });
   }
 
@@ -86,7 +71,7 @@ protected:
     });
     fns.add_async<sig>("reply_race", [this](std::int64_t a, std::int64_t b, R r) {
       for (int i = 0; i < 2; ++i)
-        asio::post(replies_, [r, a, b] { r(a + b); });
+        asio::post(replies_.get_executor(), [r, a, b] { r(a + b); });
     });
     fns.add_async<sig>("reply_then_throw", [](std::int64_t a, std::int64_t b, R r) {
       r(a + b);
@@ -124,9 +109,10 @@ protected:
   void random_cases(std::chrono::microseconds time_slice);
   void stop_with_a_held_reply(bool plain_callback);
 
-  asio::io_context replies_; // the "other threads" host functions reply from
-  std::optional<asio::executor_work_guard<asio::io_context::executor_type>> guard_;
-  std::vector<std::thread> pool_;
+  // The "other threads" host functions reply from. A member: it outlives each test's runtime
+  // (a local of the test body), so a reply still queued here when the test ends, on any path,
+  // runs after that runtime stopped and is dropped.
+  io_pool replies_{2};
 };
 
 // Each failing case once, alone: the guest reports the documented status.
@@ -228,11 +214,11 @@ void host_function_stress::random_cases(std::chrono::microseconds time_slice) {
     for (auto& k : mine)
       if (k->invocations.load() != 1) doubles.fetch_add(1);
   };
-  std::vector<std::thread> ts;
-  for (std::size_t c = 0; c < callers; ++c)
-    ts.emplace_back(caller, c);
-  for (auto& t : ts)
-    t.join();
+  {
+    std::vector<std::jthread> ts;
+    for (std::size_t c = 0; c < callers; ++c)
+      ts.emplace_back(caller, c);
+  } // joined
   for (auto& sb : sbs) {
     EXPECT_FALSE(sb.poisoned()) << sb.poison_reason().message();
     // Still usable after everything the host functions did.
@@ -271,6 +257,9 @@ void host_function_stress::stop_with_a_held_reply(bool plain_callback) {
         std::lock_guard lock(mu);
         held.emplace(std::move(r));
       });
+  // Waits on use_future's future. Declared before the runtime, whose stop() (or destructor, on
+  // an early return) completes the call, so that it is joined after that.
+  std::jthread waiter;
   auto rt = std::make_unique<runtime>(runtime_options{.workers = 1});
   auto sb = create_or_trip(*rt, quiet_config("calc"), fns, dog);
   ASSERT_TRUE(sb);
@@ -281,14 +270,14 @@ void host_function_stress::stop_with_a_held_reply(bool plain_callback) {
   } else { // use_future's executor is not
     auto f =
         std::make_shared<std::future<value>>(sb.async_call("call_host", args, asio::use_future));
-    std::thread([f, p] {
+    waiter = std::jthread([f, p] {
       try {
         f->get();
         p->set_value({});
       } catch (const boost::system::system_error& e) {
         p->set_value(e.code());
       }
-    }).detach();
+    });
   }
   for (int i = 0; i < 5000; ++i) {
     {
@@ -298,7 +287,7 @@ void host_function_stress::stop_with_a_held_reply(bool plain_callback) {
     std::this_thread::sleep_for(1ms);
   }
   std::promise<void> stopped;
-  std::thread stopper([&] {
+  std::jthread stopper([&] {
     rt->stop();
     stopped.set_value();
   });
@@ -355,9 +344,9 @@ TEST_F(host_function_stress, late_reply_after_the_runtime_is_gone) {
       EXPECT_EQ(e.code(), asio::error::operation_aborted);
     }
   } // the runtime and the last handle are gone; the host function still holds its reply
-  std::thread late([&] {
+  std::jthread late([&] {
     std::lock_guard lock(mu);
-    ASSERT_TRUE(held);
+    ASSERT_TRUE(held); // returns from this lambda only: the join below still runs
     (*held)(3);
     held.reset();
   });

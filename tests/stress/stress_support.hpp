@@ -1,11 +1,14 @@
-// Shared pieces of the stress tests: the scale knob, a hang watchdog, latency percentiles and
-// the process resource counters (fds, threads, mappings, RSS) read from /proc/self.
+// Shared pieces of the stress tests: the scale knob, a hang watchdog, threads that always join,
+// latency percentiles and the process resource counters (fds, threads, mappings, RSS) read from
+// /proc/self.
 #pragma once
 
 #include "../e2e/backend_fixture.hpp"
 
 #include <kiln/runtime/runtime.hpp>
 
+#include <boost/asio/executor_work_guard.hpp>
+#include <boost/asio/io_context.hpp>
 #include <boost/asio/use_future.hpp>
 
 #include <malloc.h>
@@ -21,6 +24,7 @@
 #include <functional>
 #include <future>
 #include <mutex>
+#include <source_location>
 #include <string>
 #include <thread>
 #include <vector>
@@ -58,17 +62,69 @@ inline bool run_known_bugs() {
   return e && std::string(e) == "1";
 }
 
+/// Threads in these tests are never a bare std::thread: a test body that returns early (an
+/// ASSERT_*, a GTEST_SKIP) with one still joinable ends in std::terminate ("terminate called
+/// without an active exception") instead of a failure. A plain worker is a std::jthread (joined
+/// by its destructor); an io_context and the threads that run it are an `io_pool`. Either one
+/// must be declared after everything its thread uses (the watchdog included, so that a hang in
+/// the join is still caught), so that it is joined before any of that is destroyed.
+
+/// An io_context run by `threads` threads of its own (0: none, the context is only used as an
+/// executor) until join() or destruction, which drops the work guard, lets the handlers already
+/// queued finish (the tests queue only short timers and posts) and joins the threads. Handlers
+/// that use something must be outlived by it; a runtime whose host functions queue work here is
+/// declared after the pool, so that it stops before the pool drains. Not movable: handlers
+/// refer to the context.
+class io_pool {
+public:
+  using executor_type = boost::asio::io_context::executor_type;
+
+  explicit io_pool(std::size_t threads = 1) : guard_(boost::asio::make_work_guard(ctx_)) {
+    threads_.reserve(threads);
+    for (std::size_t i = 0; i < threads; ++i)
+      threads_.emplace_back([this] { ctx_.run(); });
+  }
+  ~io_pool() { join(); }
+  io_pool(const io_pool&) = delete;
+  io_pool& operator=(const io_pool&) = delete;
+
+  boost::asio::io_context& context() noexcept { return ctx_; }
+  executor_type get_executor() noexcept { return ctx_.get_executor(); }
+
+  /// Lets the threads return once the queued work is done and joins them. Idempotent; call it
+  /// from the thread that owns the pool, never from one of its own handlers.
+  void join() {
+    guard_.reset();
+    for (auto& t : threads_)
+      if (t.joinable()) t.join();
+  }
+
+private:
+  boost::asio::io_context ctx_;
+  boost::asio::executor_work_guard<executor_type> guard_;
+  std::vector<std::thread> threads_; // joined by join(), before ctx_ and guard_ go
+};
+
 /// Fails the run instead of letting it hang: if not disarmed (destroyed) within `budget`, it
-/// prints what it was watching and the caller's diagnostics, then aborts the process (a hung
-/// call holds references into the test's frame, so returning from the test is not safe).
+/// prints what it was watching and the caller's diagnostics, then a failure in gtest's format,
+/// and ends the process with exit status 1. It does not return into the test: a hung call holds
+/// references into the test's frame (promises, counters, the runtime), and unwinding that frame
+/// under it, or running the remaining tests beside it, would be a use-after-free. std::_Exit
+/// runs no destructors or atexit handlers, which would block on (or tear down under) the very
+/// threads that hang; stdio is flushed by hand first. No XML report is written for the run.
 /// KILN_STRESS_WATCHDOG_S overrides every budget (seconds).
 class watchdog {
 public:
-  watchdog(std::string what, std::chrono::seconds budget, std::function<std::string()> diag = {})
-      : what_(std::move(what)), diag_(std::move(diag)) {
+  watchdog(std::string what, std::chrono::seconds budget, std::function<std::string()> diag = {},
+           std::source_location where = std::source_location::current())
+      : what_(std::move(what)), diag_(std::move(diag)), where_(where) {
+    // The test's name is read here, on the test's thread: trip() must not take gtest's locks,
+    // which a hung thread might hold.
+    if (const auto* info = ::testing::UnitTest::GetInstance()->current_test_info())
+      test_ = std::string(info->test_suite_name()) + "." + info->name();
     if (const char* e = std::getenv("KILN_STRESS_WATCHDOG_S"); e && std::atoi(e) > 0)
       budget = std::chrono::seconds(std::atoi(e));
-    thread_ = std::thread([this, budget] {
+    thread_ = std::jthread([this, budget] {
       std::unique_lock lock(mu_);
       if (!cv_.wait_for(lock, budget, [this] { return disarmed_; }))
         trip("not finished within " + std::to_string(budget.count()) + " s");
@@ -80,26 +136,41 @@ public:
       disarmed_ = true;
     }
     cv_.notify_all();
-    thread_.join();
   }
   watchdog(const watchdog&) = delete;
   watchdog& operator=(const watchdog&) = delete;
 
-  /// Reports a hang found elsewhere (a wait that timed out) and aborts.
+  /// Reports a hang found elsewhere (a wait that timed out) and ends the process with status 1.
   [[noreturn]] void trip(const std::string& why) const {
+    // Several threads may find the same hang at once: the first reports, the others wait for
+    // its exit (the lock is never released); but not forever, in case the first is stuck in
+    // diag_ (a lock the hung thread holds).
+    static std::timed_mutex reporting;
+    if (!reporting.try_lock_for(30s)) {
+      std::fflush(nullptr);
+      std::_Exit(1);
+    }
+    std::fflush(stdout);
     std::fprintf(stderr, "\n*** stress watchdog: %s: %s\n", what_.c_str(), why.c_str());
     if (diag_) std::fprintf(stderr, "%s\n", diag_().c_str());
     std::fflush(stderr);
-    std::abort();
+    std::printf("%s:%u: Failure\nstress watchdog: %s: %s\n[  FAILED  ] %s (hang: the process "
+                "exits with status 1; no later test runs)\n",
+                where_.file_name(), static_cast<unsigned>(where_.line()), what_.c_str(),
+                why.c_str(), test_.empty() ? "(no test)" : test_.c_str());
+    std::fflush(nullptr);
+    std::_Exit(1);
   }
 
 private:
   std::string what_;
   std::function<std::string()> diag_;
+  std::source_location where_;
+  std::string test_;
   std::mutex mu_;
   std::condition_variable cv_;
   bool disarmed_ = false;
-  std::thread thread_;
+  std::jthread thread_; // last: joined first, while the members it reads are alive
 };
 
 /// Waits for `f`; a wait longer than `limit` is a hang and trips the watchdog.
@@ -180,6 +251,20 @@ inline proc_counters read_proc() {
     ++c.maps;
   const struct mallinfo2 mi = ::mallinfo2();
   c.heap_kib = static_cast<long>((mi.uordblks + mi.hblkhd) / 1024);
+  return c;
+}
+
+/// read_proc() once the thread count is down to `threads`, or after 2 s (scaled by
+/// KILN_TIME_SCALE) if it never gets there. pthread_join() returns when the kernel clears the
+/// thread's id, a moment before the task leaves /proc/self/task; under emulation that moment is
+/// long enough to be counted.
+inline proc_counters read_proc_settled(long threads) {
+  const auto until = clock_type::now() + scaled_budget(std::chrono::seconds(2));
+  proc_counters c = read_proc();
+  while (c.threads > threads && clock_type::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    c = read_proc();
+  }
   return c;
 }
 
