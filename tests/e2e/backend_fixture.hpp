@@ -1,10 +1,15 @@
 // Shared fixture for end-to-end tests: the backend under test, guest paths, a ready sandbox.
 #pragma once
 
+#include "../test_env.hpp"
+
 #include <kiln/runtime/sandbox.hpp>
 
 #include <gtest/gtest.h>
 
+#include <fcntl.h>
+#include <linux/kvm.h>
+#include <sys/ioctl.h>
 #include <unistd.h>
 
 #include <filesystem>
@@ -18,6 +23,16 @@ namespace kiln::test {
 inline vcpu::backend_kind backend_under_test() {
   return std::string(KILN_TEST_BACKEND) == "kvm" ? vcpu::backend_kind::kvm
                                                  : vcpu::backend_kind::emulated;
+}
+
+/// Whether this host's KVM has KVM_PRE_FAULT_MEMORY (Linux 6.10+; capability 236), so that the
+/// lazy-load tests can require that kiln used it.
+inline bool kvm_has_pre_fault_memory() {
+  const int fd = ::open("/dev/kvm", O_RDWR | O_CLOEXEC);
+  if (fd < 0) return false;
+  const bool has = ::ioctl(fd, KVM_CHECK_EXTENSION, 236) > 0;
+  ::close(fd);
+  return has;
 }
 
 /// The value of a call that must succeed with a T (a failure or another type fails the test
@@ -37,6 +52,8 @@ class backend_test : public ::testing::Test {
 protected:
   void SetUp() override {
     const auto st = vcpu::probe(backend_under_test());
+    if (!st.usable && backend_under_test() == vcpu::backend_kind::kvm && kvm_required())
+      FAIL() << "KILN_REQUIRE_KVM=1, but the kvm backend is unusable: " << st.reason;
     if (!st.usable)
       GTEST_SKIP() << vcpu::to_string(backend_under_test())
                    << " backend unusable here: " << st.reason;

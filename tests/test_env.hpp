@@ -1,0 +1,40 @@
+// What a test run is told by its environment: whether KVM must be there, and how slow time is.
+#pragma once
+
+#include <chrono>
+#include <cstdlib>
+#include <string_view>
+
+namespace kiln::test {
+
+/// KILN_REQUIRE_KVM=1 (scripts/test.sh sets it where the KVM tests run: on a host with /dev/kvm,
+/// or in the nested-KVM VM) turns the skip of a KVM test into a failure, so that a run meant to
+/// prove the KVM backend cannot pass by skipping everything.
+inline bool kvm_required() {
+  const char* e = std::getenv("KILN_REQUIRE_KVM");
+  return e && std::string_view(e) == "1";
+}
+
+/// KILN_TIME_SCALE (default 1): how many times slower than a real machine this one runs guests.
+/// The nested-KVM VM emulates every instruction of the host kernel (scripts/test.sh sets 20
+/// there). Time budgets of tests (a kick's latency bound, a deadline's slack) are multiplied by
+/// it; what the tests count (calls completed, kicks honoured, false kills) is not.
+inline double time_scale() {
+  static const double s = [] {
+    const char* e = std::getenv("KILN_TIME_SCALE");
+    if (!e || !*e) return 1.0;
+    char* end = nullptr;
+    const double v = std::strtod(e, &end);
+    return (end != e && v >= 1.0) ? v : 1.0;
+  }();
+  return s;
+}
+
+/// A time budget scaled by time_scale().
+template <class Rep, class Period>
+std::chrono::milliseconds scaled_budget(std::chrono::duration<Rep, Period> d) {
+  return std::chrono::milliseconds(static_cast<long long>(
+      std::chrono::duration<double, std::milli>(d).count() * time_scale() + 0.5));
+}
+
+} // namespace kiln::test
