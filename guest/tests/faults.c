@@ -247,6 +247,95 @@ FN(log_hello) {
   return KILN_STATUS_OK;
 }
 
+/* ---- Surface probing (ADVERSARIAL 14): what the CPU shows the guest, and what it refuses ---- */
+
+static void cpuid(uint32_t leaf, uint32_t* eax, uint32_t* ebx, uint32_t* ecx, uint32_t* edx) {
+  __asm__ volatile("cpuid" : "=a"(*eax), "=b"(*ebx), "=c"(*ecx), "=d"(*edx) : "a"(leaf), "c"(0));
+}
+
+/* CPUID leaf 1 ECX: bit 5 VMX, bit 21 x2APIC. */
+FN(cpuid_1_ecx) {
+  UNUSED;
+  uint32_t eax, ebx, ecx, edx;
+  cpuid(1, &eax, &ebx, &ecx, &edx);
+  r->i32 = (int32_t)ecx;
+  return KILN_STATUS_OK;
+}
+
+/* CPUID leaf 0x80000001 ECX: bit 2 SVM. */
+FN(cpuid_ext_ecx) {
+  UNUSED;
+  uint32_t eax, ebx, ecx, edx;
+  cpuid(0x80000000u, &eax, &ebx, &ecx, &edx);
+  if (eax < 0x80000001u) {
+    r->i32 = 0;
+    return KILN_STATUS_OK;
+  }
+  cpuid(0x80000001u, &eax, &ebx, &ecx, &edx);
+  r->i32 = (int32_t)ecx;
+  return KILN_STATUS_OK;
+}
+
+static uint64_t rdmsr(uint32_t msr) {
+  uint32_t lo, hi;
+  __asm__ volatile("rdmsr" : "=a"(lo), "=d"(hi) : "c"(msr) : "memory");
+  return ((uint64_t)hi << 32) | lo;
+}
+
+static void wrmsr(uint32_t msr, uint64_t v) {
+  __asm__ volatile("wrmsr" : : "c"(msr), "a"((uint32_t)v), "d"((uint32_t)(v >> 32)) : "memory");
+}
+
+/* IA32_VMX_BASIC: exists only where VMX is offered. Returns its low half if the read succeeds. */
+FN(rdmsr_vmx_basic) {
+  UNUSED;
+  r->i32 = (int32_t)rdmsr(0x480);
+  return KILN_STATUS_OK;
+}
+
+/* EFER.SVME (bit 12): turning on AMD's virtualization extensions. */
+FN(wrmsr_efer_svme) {
+  UNUSED;
+  wrmsr(0xC0000080u, rdmsr(0xC0000080u) | (1u << 12));
+  r->i32 = 1; /* reached only if the write was accepted */
+  return KILN_STATUS_OK;
+}
+
+/* CR4.VMXE (bit 13): turning on Intel's virtualization extensions. */
+FN(cr4_vmxe) {
+  UNUSED;
+  uint64_t cr4;
+  __asm__ volatile("mov %%cr4, %0" : "=r"(cr4));
+  cr4 |= 1u << 13;
+  __asm__ volatile("mov %0, %%cr4" : : "r"(cr4) : "memory");
+  r->i32 = 1;
+  return KILN_STATUS_OK;
+}
+
+/* VMXON and VMRUN without the extensions enabled: invalid opcodes. */
+FN(vmxon) {
+  UNUSED;
+  uint64_t region = 0;
+  __asm__ volatile("vmxon %0" : : "m"(region) : "memory", "cc");
+  r->i32 = 1;
+  return KILN_STATUS_OK;
+}
+
+FN(vmrun) {
+  UNUSED;
+  __asm__ volatile("vmrun %%rax" : : "a"(0ull) : "memory", "cc");
+  r->i32 = 1;
+  return KILN_STATUS_OK;
+}
+
+/* IA32_APIC_BASE with the x2APIC enable bit (10): refused where x2APIC is not offered. */
+FN(x2apic_enable) {
+  UNUSED;
+  wrmsr(0x1B, rdmsr(0x1B) | (1u << 10));
+  r->i32 = 1;
+  return KILN_STATUS_OK;
+}
+
 void kiln_guest_init(void) {
   static const struct {
     const char* name;
@@ -275,6 +364,14 @@ void kiln_guest_init(void) {
       {"triple_fault", triple_fault},
       {"malloc_until_fail", malloc_until_fail},
       {"log_hello", log_hello},
+      {"cpuid_1_ecx", cpuid_1_ecx},
+      {"cpuid_ext_ecx", cpuid_ext_ecx},
+      {"rdmsr_vmx_basic", rdmsr_vmx_basic},
+      {"wrmsr_efer_svme", wrmsr_efer_svme},
+      {"cr4_vmxe", cr4_vmxe},
+      {"vmxon", vmxon},
+      {"vmrun", vmrun},
+      {"x2apic_enable", x2apic_enable},
   };
   for (unsigned i = 0; i < sizeof fns / sizeof fns[0]; ++i)
     if (kiln_register(fns[i].name, fns[i].fn, KILN_TYPE_I32, 0, 0) != 0)

@@ -196,6 +196,49 @@ TEST_F(snapshot_file_e2e, generations_of_files_layer_up_to_the_cap_then_start_wh
   EXPECT_EQ(depths, (std::vector<std::size_t>{1, 2, 3, 4, 5, 6, 7, 8, 1, 2, 3, 4}));
 }
 
+// A .ksnap is backend-neutral: one taken on KVM runs on the emulated backend and the other way
+// round (the NX bits and EFER follow the backend that loads it). Both directions in one test, so
+// that the run where both backends exist (KVM's, in the VM or on a KVM host) covers both.
+TEST_F(snapshot_file_e2e, a_snapshot_taken_on_one_backend_runs_on_the_other) {
+  for (auto k : {vcpu::backend_kind::kvm, vcpu::backend_kind::emulated})
+    if (const auto st = vcpu::probe(k); !st.usable)
+      GTEST_SKIP() << "needs both backends; " << vcpu::to_string(k) << " is unusable: " << st.reason;
+  const auto choice = [](vcpu::backend_kind k) {
+    return k == vcpu::backend_kind::kvm ? vcpu::backend_choice::kvm
+                                        : vcpu::backend_choice::emulated;
+  };
+  for (auto [from, to] : {std::pair{vcpu::backend_kind::kvm, vcpu::backend_kind::emulated},
+                          std::pair{vcpu::backend_kind::emulated, vcpu::backend_kind::kvm}}) {
+    SCOPED_TRACE(std::string(vcpu::to_string(from)) + " -> " + vcpu::to_string(to));
+    auto c = config_for("memory_test");
+    c.memory_size = 32 * mib;
+    c.backend = choice(from);
+    auto sb = sandbox::create(c);
+    ASSERT_TRUE(sb) << sb.err().message();
+    const auto h = as<std::uint64_t>((*sb)->call("heap_start"));
+    ASSERT_TRUE((*sb)->call("touch", h, 64 * page, std::int64_t{3}));
+    EXPECT_EQ(as<std::int64_t>((*sb)->call("bump")), 1);
+    auto snap = (*sb)->take_snapshot();
+    ASSERT_TRUE(snap);
+    const auto file = path(std::string("from-") + vcpu::to_string(from) + ".ksnap");
+    ASSERT_TRUE(snap->save(file)) << snap->save(file).err().message();
+
+    auto loaded = snapshot::load(file);
+    ASSERT_TRUE(loaded) << loaded.err().message();
+    c.backend = choice(to);
+    auto other = sandbox::create(*loaded, {}, c);
+    ASSERT_TRUE(other) << other.err().message();
+    EXPECT_EQ((*other)->backend(), to);
+    EXPECT_EQ(as<std::int64_t>((*other)->call("bump")), 2) << "the counter came along";
+    EXPECT_EQ(as<std::uint64_t>((*other)->call("sum_pages", h, 64 * page)), 3u * 64);
+    // Faults are still named, and a restore on the new backend brings the file's state back.
+    ASSERT_TRUE((*other)->call("touch", h, 64 * page, std::int64_t{9}));
+    ASSERT_TRUE((*other)->restore(*loaded));
+    EXPECT_EQ(as<std::uint64_t>((*other)->call("sum_pages", h, 64 * page)), 3u * 64);
+    EXPECT_EQ(as<std::int64_t>((*other)->call("bump")), 2);
+  }
+}
+
 TEST_F(snapshot_file_e2e, a_snapshot_file_truncated_under_a_sandbox_fails_only_that_sandbox) {
   auto c = config_for("memory_test");
   c.memory_size = 32 * mib;
