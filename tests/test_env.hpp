@@ -7,6 +7,16 @@
 
 namespace kiln::test {
 
+/// The number in environment variable `name`, or `fallback` when it is unset, not a number or
+/// below `least`.
+inline double env_number(const char* name, double fallback, double least) {
+  const char* e = std::getenv(name);
+  if (!e || !*e) return fallback;
+  char* end = nullptr;
+  const double v = std::strtod(e, &end);
+  return (end != e && v >= least) ? v : fallback;
+}
+
 /// KILN_REQUIRE_KVM=1 (scripts/test.sh sets it where the KVM tests run: on a host with /dev/kvm,
 /// or in the nested-KVM VM) turns the skip of a KVM test into a failure, so that a run meant to
 /// prove the KVM backend cannot pass by skipping everything.
@@ -20,13 +30,7 @@ inline bool kvm_required() {
 /// there). Time budgets of tests (a kick's latency bound, a deadline's slack) are multiplied by
 /// it; what the tests count (calls completed, kicks honoured, false kills) is not.
 inline double time_scale() {
-  static const double s = [] {
-    const char* e = std::getenv("KILN_TIME_SCALE");
-    if (!e || !*e) return 1.0;
-    char* end = nullptr;
-    const double v = std::strtod(e, &end);
-    return (end != e && v >= 1.0) ? v : 1.0;
-  }();
+  static const double s = env_number("KILN_TIME_SCALE", 1.0, 1.0);
   return s;
 }
 

@@ -39,12 +39,10 @@ using clock_type = std::chrono::steady_clock;
 /// 0.1 a tenth of it. Unset, each test runs its CI size, chosen to keep the whole binary well
 /// under a minute on two cores with the emulated backend (about 17 s there).
 inline double scale() {
+  // 0: unset (or not a positive number), so each test runs its CI size.
   static const double s = [] {
-    const char* e = std::getenv("KILN_STRESS_SCALE");
-    if (!e || !*e) return 0.0;
-    char* end = nullptr;
-    const double v = std::strtod(e, &end);
-    return (end != e && v > 0) ? v : 0.0;
+    const double v = env_number("KILN_STRESS_SCALE", 0.0, 0.0);
+    return v > 0 ? v : 0.0;
   }();
   return s;
 }
