@@ -3,7 +3,9 @@
 
 #include <chrono>
 #include <cstdlib>
+#include <filesystem>
 #include <string_view>
+#include <thread>
 
 namespace kiln::test {
 
@@ -39,6 +41,27 @@ template <class Rep, class Period>
 std::chrono::milliseconds scaled_budget(std::chrono::duration<Rep, Period> d) {
   return std::chrono::milliseconds(static_cast<long long>(
       std::chrono::duration<double, std::milli>(d).count() * time_scale() + 0.5));
+}
+
+/// Threads of this process now (entries of /proc/self/task).
+inline long thread_count() {
+  long n = 0;
+  for ([[maybe_unused]] const auto& e : std::filesystem::directory_iterator("/proc/self/task"))
+    ++n;
+  return n;
+}
+
+/// thread_count() once it is down to `most`, or whatever it is after 2 s (scaled). A thread's
+/// pthread_join() returns when the kernel clears its thread id, a moment before the task leaves
+/// /proc/self/task; under emulation that moment is long enough to be counted.
+inline long thread_count_settled(long most) {
+  const auto until = std::chrono::steady_clock::now() + scaled_budget(std::chrono::seconds(2));
+  long n = thread_count();
+  while (n > most && std::chrono::steady_clock::now() < until) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(5));
+    n = thread_count();
+  }
+  return n;
 }
 
 } // namespace kiln::test

@@ -54,19 +54,21 @@ TEST_F(churn_stress, counters_return_to_baseline) {
   std::atomic<std::uint64_t> wrong{0};
   watchdog dog("churn", 240s + std::chrono::seconds(threads * per_thread / 10));
   const auto t0 = clock_type::now();
+  const long at_start = thread_count(); // this thread and the watchdog's
   // Warm-up at the same thread count: process-wide state that stays by design (the backend
   // probe, glibc's malloc arenas for that many threads, Unicorn's one-time initialisation).
   {
     runtime rt;
     round(rt, threads, 1, dog, wrong);
   }
-  const proc_counters before_runtime = read_proc();
+  const proc_counters before_runtime = read_proc_settled(at_start);
   proc_counters idle, peak, after, peak2, after2, trimmed;
   std::uint64_t alive_after = 0;
   {
     runtime rt;
     round(rt, threads, 1, dog, wrong);
-    idle = read_proc(); // the runtime's threads, no sandbox
+    // The runtime's threads (its workers and its service thread), no sandbox.
+    idle = read_proc_settled(before_runtime.threads + static_cast<long>(rt.worker_count()) + 1);
     peak = round(rt, threads, per_thread, dog, wrong);
     after = read_proc_settled(idle.threads);
     peak2 = round(rt, threads, per_thread, dog, wrong); // churn again: nothing may accumulate

@@ -252,18 +252,10 @@ inline proc_counters read_proc() {
   return c;
 }
 
-/// read_proc() once the thread count is down to `threads`, or after 2 s (scaled by
-/// KILN_TIME_SCALE) if it never gets there. pthread_join() returns when the kernel clears the
-/// thread's id, a moment before the task leaves /proc/self/task; under emulation that moment is
-/// long enough to be counted.
+/// read_proc() once the thread count is down to `threads` (see thread_count_settled()).
 inline proc_counters read_proc_settled(long threads) {
-  const auto until = clock_type::now() + scaled_budget(std::chrono::seconds(2));
-  proc_counters c = read_proc();
-  while (c.threads > threads && clock_type::now() < until) {
-    std::this_thread::sleep_for(std::chrono::milliseconds(5));
-    c = read_proc();
-  }
-  return c;
+  thread_count_settled(threads);
+  return read_proc();
 }
 
 /// The backend fixture with a quiet log sink (the e2e one appends to a vector, which is not
