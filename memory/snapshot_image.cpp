@@ -273,4 +273,14 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
   return std::shared_ptr<const snapshot_image>(std::move(img));
 }
 
+std::optional<snapshot_image::shrunk_file> snapshot_image::first_shrunk_file() const noexcept {
+  for (const auto& l : layers_) {
+    if (l->base() == 0) continue; // a memfd: sealed, it cannot shrink
+    struct stat st {};
+    const std::uint64_t now = ::fstat(l->fd(), &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
+    if (now < l->base() + size_) return shrunk_file{l.get(), now, l->base() + size_};
+  }
+  return std::nullopt;
+}
+
 } // namespace kiln::memory

@@ -111,6 +111,15 @@ public:
   std::uint64_t total_data_bytes() const noexcept;
   /// The extent holding guest-physical `a`, or nullptr where the image is zero.
   const image_extent* extent_at(std::uint64_t a) const noexcept;
+  /// A layer mapped from a .ksnap file that is now shorter than its data area (truncated after
+  /// it was opened): the first such layer, its file's size now and where its data ends.
+  struct shrunk_file {
+    const snapshot_layer* layer = nullptr;
+    std::uint64_t size_now = 0, data_end = 0;
+  };
+  /// The first file layer whose file shrank (an fstat per file layer), if any; a layer whose
+  /// file cannot be stat'ed counts as shrunk to 0.
+  std::optional<shrunk_file> first_shrunk_file() const noexcept;
   /// The layer providing guest-physical `a`, or nullptr where the image is zero.
   const snapshot_layer* layer_at(std::uint64_t a) const noexcept {
     const image_extent* e = extent_at(a);

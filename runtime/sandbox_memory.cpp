@@ -8,8 +8,6 @@
 #include <cstddef>
 #include <cstring>
 
-#include <sys/stat.h>
-
 namespace kiln {
 
 using detail::step;
@@ -232,19 +230,15 @@ std::optional<error> sandbox::impl::lost_file_pages() {
     }
   }
   // On KVM no handler saw the touch (the kernel's own access failed): look at the files.
-  if (host == 0)
-    if (const auto& img = mem.image())
-      for (const auto& l : img->layers()) {
-        struct stat st {};
-        if (l->base() == 0 || ::fstat(l->fd(), &st) != 0) continue;
-        const auto now = static_cast<std::uint64_t>(st.st_size);
-        if (now < l->base() + mem.size())
-          return error(errc::memory_violation,
-                       fmt::format("the snapshot file backing guest memory was truncated: it is "
-                                   "now {} bytes, its data ended at {}{}",
-                                   now, l->base() + mem.size(),
-                                   l->file() ? " (" + l->file()->path + ")" : std::string()));
-      }
+  if (host == 0 && mem.image())
+    if (const auto shrunk = mem.image()->first_shrunk_file()) {
+      const auto& file = shrunk->layer->file();
+      return error(errc::memory_violation,
+                   fmt::format("the snapshot file backing guest memory was truncated: it is now "
+                               "{} bytes, its data ended at {}{}",
+                               shrunk->size_now, shrunk->data_end,
+                               file ? " (" + file->path + ")" : std::string()));
+    }
   const auto* ram = mem.host_address_for_mapping(guest_phys_addr{0});
   const auto* lost = reinterpret_cast<const std::byte*>(host);
   if (host != 0 && lost >= ram && lost < ram + mem.size())

@@ -246,13 +246,9 @@ result<void> sandbox::impl::watch_image() {
   }
   // The size again, now that the file is mapped: one that shrank between the load's checks and
   // the mapping would otherwise only show when the guest touches a lost page.
-  for (const auto& l : img->layers()) {
-    struct stat st {};
-    if (l->base() != 0 &&
-        (::fstat(l->fd(), &st) != 0 || static_cast<std::uint64_t>(st.st_size) < l->base() + mem.size()))
-      return error(memory::memory_errc::snapshot_truncated,
-                   "the snapshot file shrank after it was opened");
-  }
+  if (img->first_shrunk_file())
+    return error(memory::memory_errc::snapshot_truncated,
+                 "the snapshot file shrank after it was opened");
   KILN_TRY_ASSIGN(image_watch, memory::file_fault_watch::create(
                                    mem.host_address_for_mapping(guest_phys_addr{0}), mem.size(),
                                    &file_faults, /*writable=*/true));
