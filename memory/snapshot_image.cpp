@@ -277,7 +277,8 @@ std::optional<snapshot_image::shrunk_file> snapshot_image::first_shrunk_file() c
   for (const auto& l : layers_) {
     if (l->base() == 0) continue; // a memfd: sealed, it cannot shrink
     struct stat st {};
-    const std::uint64_t now = ::fstat(l->fd(), &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
+    const std::uint64_t now =
+        ::fstat(l->fd(), &st) == 0 ? static_cast<std::uint64_t>(st.st_size) : 0;
     if (now < l->base() + size_) return shrunk_file{l.get(), now, l->base() + size_};
   }
   return std::nullopt;

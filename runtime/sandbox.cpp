@@ -329,11 +329,11 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
     }
     step operator()(const backing_lost& b) const {
       // The truncated file, when that is what happened (checked in on_exit, before this).
-      return step::failed(error(
-          errc::memory_violation,
-          fmt::format("guest memory{} lost its host backing{} (rip {:#x})",
-                      b.gpa_known ? fmt::format(" at {:#x}", b.gpa) : std::string(),
-                      b.hw_poison ? ": the host page is poisoned" : "", b.rip)));
+      return step::failed(
+          error(errc::memory_violation,
+                fmt::format("guest memory{} lost its host backing{} (rip {:#x})",
+                            b.gpa_known ? fmt::format(" at {:#x}", b.gpa) : std::string(),
+                            b.hw_poison ? ": the host page is poisoned" : "", b.rip)));
     }
     step operator()(const shutdown& s) const {
       return step::failed(

@@ -193,9 +193,9 @@ std::optional<error> sandbox::impl::name_memory_fault(std::uint64_t addr, bool w
   // backend; both say so in the same words.
   if (fetch && r && r->guest_visible && r->kind != memory::region_kind::file &&
       !memory::has(r->prot, memory::protection::exec))
-    return error(errc::memory_violation,
-                 fmt::format("execute at {:#x} in non-executable {} (rip {:#x})", addr, r->name,
-                             rip));
+    return error(
+        errc::memory_violation,
+        fmt::format("execute at {:#x} in non-executable {} (rip {:#x})", addr, r->name, rip));
   if (!r && addr >= mem.size() && addr < mem.address_limit())
     return error(errc::memory_violation,
                  fmt::format("{} at {:#x}: no file is mapped there (rip {:#x})", access, addr, rip));

@@ -114,7 +114,6 @@ TEST_F(fault_guest, kick_stops_a_spinning_guest) {
   EXPECT_TRUE(sb->poisoned());
 }
 
-
 // ADVERSARIAL 14: the guest sees no virtualization extensions and cannot turn them on. On KVM the
 // CPU refuses each probe with #GP (the MSR and CR4 writes, the VMX capability MSR) or #UD (VMXON,
 // VMRUN), delivered into the guest, whose handler reports it: a named fault. The emulated CPU
@@ -136,9 +135,9 @@ TEST_F(fault_guest, nested_virtualization_is_hidden_and_every_probe_is_refused) 
     const char* function;
     const char* kvm_fault; // what KVM's CPU raises
   };
-  for (const probe p : {probe{"rdmsr_vmx_basic", "#GP"}, probe{"wrmsr_efer_svme", "#GP"},
-                        probe{"cr4_vmxe", "#GP"}, probe{"vmxon", "#UD"}, probe{"vmrun", "#UD"},
-                        probe{"x2apic_enable", "#GP"}}) {
+  for (const probe p :
+       {probe{"rdmsr_vmx_basic", "#GP"}, probe{"wrmsr_efer_svme", "#GP"}, probe{"cr4_vmxe", "#GP"},
+        probe{"vmxon", "#UD"}, probe{"vmrun", "#UD"}, probe{"x2apic_enable", "#GP"}}) {
     SCOPED_TRACE(p.function);
     auto victim = make("faults");
     ASSERT_NE(victim, nullptr);

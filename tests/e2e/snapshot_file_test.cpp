@@ -202,7 +202,8 @@ TEST_F(snapshot_file_e2e, generations_of_files_layer_up_to_the_cap_then_start_wh
 TEST_F(snapshot_file_e2e, a_snapshot_taken_on_one_backend_runs_on_the_other) {
   for (auto k : {vcpu::backend_kind::kvm, vcpu::backend_kind::emulated})
     if (const auto st = vcpu::probe(k); !st.usable)
-      GTEST_SKIP() << "needs both backends; " << vcpu::to_string(k) << " is unusable: " << st.reason;
+      GTEST_SKIP() << "needs both backends; " << vcpu::to_string(k)
+                   << " is unusable: " << st.reason;
   const auto choice = [](vcpu::backend_kind k) {
     return k == vcpu::backend_kind::kvm ? vcpu::backend_choice::kvm
                                         : vcpu::backend_choice::emulated;

@@ -54,10 +54,10 @@ protected:
         }
         // Under emulation the deadlines stretch with everything else (KILN_TIME_SCALE): 1-5 ms
         // is less than the nested VM takes to enter a guest, and no guest would ever be killed.
-        const auto min_timeout = std::chrono::microseconds(static_cast<long long>(
-            static_cast<double>(p.min_timeout.count()) * time_scale()));
-        const auto max_timeout = std::chrono::microseconds(static_cast<long long>(
-            static_cast<double>(p.max_timeout.count()) * time_scale()));
+        const auto min_timeout = std::chrono::microseconds(
+            static_cast<long long>(static_cast<double>(p.min_timeout.count()) * time_scale()));
+        const auto max_timeout = std::chrono::microseconds(
+            static_cast<long long>(static_cast<double>(p.max_timeout.count()) * time_scale()));
         const auto span = (max_timeout - min_timeout).count() + 1;
         const auto timeout =
             min_timeout + std::chrono::microseconds((l * 7919 + k * 104729) % span);

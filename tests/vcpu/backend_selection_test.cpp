@@ -89,9 +89,9 @@ TEST(backend_selection, every_exit_alternative_has_its_own_name) {
       exits::internal_error{"boom", 0x1000},
   };
   static_assert(std::size(all) == std::variant_size_v<exit>, "one case per alternative");
-  const char* const want[] = {"io_out",       "io_in",        "halt",     "mmio",
-                              "exception",    "memory_fault", "backing_lost", "shutdown",
-                              "fail_entry",   "cancelled",    "internal_error"};
+  const char* const want[] = {"io_out",     "io_in",        "halt",          "mmio",
+                              "exception",  "memory_fault", "backing_lost",  "shutdown",
+                              "fail_entry", "cancelled",    "internal_error"};
   for (std::size_t i = 0; i < std::size(all); ++i) {
     EXPECT_EQ(all[i].index(), i);
     EXPECT_STREQ(exit_name(all[i]), want[i]);

@@ -97,8 +97,9 @@ private:
       if (stop_ || !armed_ || clock_type::now() < deadline_) continue;
       if (rescued_) {
         // A failure, not an abort: the run is stuck in the kernel, so the test cannot return.
-        std::fprintf(stderr, "watchdog: run() ignored a rescue kick for %lld ms\n[  FAILED  ] "
-                             "a kick was lost; ending the test binary\n",
+        std::fprintf(stderr,
+                     "watchdog: run() ignored a rescue kick for %lld ms\n[  FAILED  ] "
+                     "a kick was lost; ending the test binary\n",
                      static_cast<long long>(limit_.count()));
         std::fflush(stderr);
         std::_Exit(1);

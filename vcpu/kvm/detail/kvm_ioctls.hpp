@@ -1,4 +1,4 @@
-// KVM ioctl request numbers, built from the kernel's own argument sizes and checked at compile time.
+// KVM ioctl request numbers built from the kernel's argument sizes, checked at compile time.
 #pragma once
 
 #include <cstdint>
@@ -18,8 +18,7 @@ struct kvm_cpuid2_header {
 };
 
 /// KVM_GET_SUPPORTED_CPUID and KVM_SET_CPUID2 with the kernel's size.
-inline constexpr unsigned long get_supported_cpuid_request =
-    _IOWR(KVMIO, 0x05, kvm_cpuid2_header);
+inline constexpr unsigned long get_supported_cpuid_request = _IOWR(KVMIO, 0x05, kvm_cpuid2_header);
 inline constexpr unsigned long set_cpuid2_request = _IOW(KVMIO, 0x90, kvm_cpuid2_header);
 
 /// KVM_PRE_FAULT_MEMORY (Linux 6.10), absent from Debian 12's headers: its argument, capability
@@ -40,8 +39,8 @@ static_assert(get_supported_cpuid_request == 0xc008ae05, "KVM_GET_SUPPORTED_CPUI
 static_assert(set_cpuid2_request == 0x4008ae90, "KVM_SET_CPUID2");
 static_assert(pre_fault_memory_request == 0xc040aed5, "KVM_PRE_FAULT_MEMORY");
 static_assert(KVM_GET_API_VERSION == 0xae00 && KVM_CREATE_VM == 0xae01 &&
-              KVM_CHECK_EXTENSION == 0xae03 && KVM_GET_VCPU_MMAP_SIZE == 0xae04 &&
-              KVM_CREATE_VCPU == 0xae41 && KVM_SET_TSS_ADDR == 0xae47 && KVM_RUN == 0xae80,
+                  KVM_CHECK_EXTENSION == 0xae03 && KVM_GET_VCPU_MMAP_SIZE == 0xae04 &&
+                  KVM_CREATE_VCPU == 0xae41 && KVM_SET_TSS_ADDR == 0xae47 && KVM_RUN == 0xae80,
               "argument-less KVM requests");
 static_assert(KVM_SET_USER_MEMORY_REGION == 0x4020ae46, "KVM_SET_USER_MEMORY_REGION");
 static_assert(KVM_GET_REGS == 0x8090ae81 && KVM_SET_REGS == 0x4090ae82, "KVM_GET/SET_REGS");
