@@ -229,7 +229,7 @@ TEST_F(runtime_test, async_host_function_parks_the_guest) {
       "call_host", {std::string("host_add"), std::int64_t{40}, std::int64_t{2}}, asio::use_future);
   // While the first guest waits on its host function, the same worker serves another sandbox.
   auto fast = other.async_call("add_i32", {1, 1}, asio::use_future);
-  EXPECT_EQ(fast.wait_for(2s), std::future_status::ready);
+  EXPECT_EQ(fast.wait_for(scaled_budget(2s)), std::future_status::ready);
   EXPECT_EQ(std::get<std::int32_t>(fast.get()), 2);
   EXPECT_EQ(std::get<std::int64_t>(slow.get()), 42);
   replier.join();
@@ -298,7 +298,7 @@ TEST_F(runtime_test, cancellation_slot_cancels_a_running_guest) {
   // Emit on the worker, as Asio requires for a cancellation slot.
   asio::post(sb.get_executor(), [&] { sig.emit(asio::cancellation_type::terminal); });
   auto fut = p.get_future();
-  ASSERT_EQ(fut.wait_for(5s), std::future_status::ready);
+  ASSERT_EQ(fut.wait_for(scaled_budget(5s)), std::future_status::ready);
   EXPECT_EQ(fut.get(), errc::cancelled);
   EXPECT_TRUE(sb.poisoned());
 }

@@ -292,7 +292,7 @@ void host_function_stress::stop_with_a_held_reply(bool plain_callback) {
     stopped.set_value();
   });
   auto s = stopped.get_future();
-  EXPECT_EQ(s.wait_for(5s), std::future_status::ready)
+  EXPECT_EQ(s.wait_for(scaled_budget(5s)), std::future_status::ready)
       << "runtime::stop() still blocked 5 s later by a held host reply";
   auto f = p->get_future();
   EXPECT_EQ(get_or_trip(f, dog, "the parked call"), asio::error::operation_aborted);
