@@ -168,8 +168,8 @@ struct heap_span {
   std::uint64_t base = 0, span = 0;
 };
 
-bool clustered = false;                 // --shape clustered
-constexpr std::uint64_t clusters = 64;  // of ws_pages / clusters pages each
+bool clustered = false;                // --shape clustered
+constexpr std::uint64_t clusters = 64; // of ws_pages / clusters pages each
 
 /// The working-set call: touches the ws_pages pages the recording touched, in the same order.
 std::uint64_t ws_call(kiln::sandbox& sb, const heap_span& h) {

@@ -70,8 +70,8 @@ std::uint64_t file_pss_kib(const std::string& path) {
   while (std::getline(in, line)) {
     if (!line.empty() && std::isxdigit(static_cast<unsigned char>(line[0])) &&
         line.find('-') < line.find(' ')) {
-      in_file = line.size() >= path.size() && line.compare(line.size() - path.size(),
-                                                           path.size(), path) == 0;
+      in_file = line.size() >= path.size() &&
+                line.compare(line.size() - path.size(), path.size(), path) == 0;
     } else if (in_file && line.rfind("Pss:", 0) == 0) {
       total += std::strtoull(line.c_str() + 4, nullptr, 10);
     }
@@ -135,8 +135,8 @@ void hand_back(kiln::vcpu::backend_kind kind) {
 }
 
 void shared_file(kiln::vcpu::backend_kind kind, int sandboxes, int copies, std::uint64_t file_mib) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("kiln-memory-bench-" + std::to_string(::getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kiln-memory-bench-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const auto path = (dir / "data.bin").string();
   {

@@ -36,10 +36,10 @@ using kiln::bench::call;
 /// Median time of a memcpy of `bytes` between two pre-faulted buffers: what a restore that
 /// copies the whole memory back costs at least.
 double memcpy_us(std::uint64_t bytes, int runs) {
-  auto* src = static_cast<char*>(::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
-                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
-  auto* dst = static_cast<char*>(::mmap(nullptr, bytes, PROT_READ | PROT_WRITE,
-                                        MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* src = static_cast<char*>(
+      ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
+  auto* dst = static_cast<char*>(
+      ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0));
   std::memset(src, 1, bytes);
   std::memset(dst, 2, bytes);
   std::vector<double> t;
@@ -135,7 +135,8 @@ void bench(kiln::vcpu::backend_kind kind, int runs, std::uint64_t max_mib) {
     const auto heap = call<std::uint64_t>(s, "heap_start");
     const auto t0 = clock_type::now();
     auto snap = s.take_snapshot();
-    const double snap_us = std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
+    const double snap_us =
+        std::chrono::duration<double, std::micro>(clock_type::now() - t0).count();
     if (!snap) {
       fmt::print(stderr, "snapshot failed: {}\n", snap.err().message());
       std::exit(1);
@@ -176,8 +177,6 @@ int main(int argc, char** argv) {
     if (!std::strcmp(argv[i], "--max-mib")) max_mib = std::strtoull(argv[i + 1], nullptr, 10);
   }
   if (runs < 1) return 2;
-  kiln::bench::for_each_backend([&](kiln::vcpu::backend_kind kind) {
-    bench(kind, runs, max_mib);
-  });
+  kiln::bench::for_each_backend([&](kiln::vcpu::backend_kind kind) { bench(kind, runs, max_mib); });
   return 0;
 }

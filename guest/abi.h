@@ -60,8 +60,8 @@ enum kiln_port {
 
 /* ---- boot info: at `rdi` on entry; the page is read-only to the guest ---- */
 enum kiln_feature {
-  KILN_FEATURE_NX = 1u << 0,        /* page tables carry NX on data (KVM) */
-  KILN_FEATURE_EMULATED = 1u << 1,  /* running on the emulated backend (Unicorn) */
+  KILN_FEATURE_NX = 1u << 0,         /* page tables carry NX on data (KVM) */
+  KILN_FEATURE_EMULATED = 1u << 1,   /* running on the emulated backend (Unicorn) */
   KILN_FEATURE_FILE_TABLE = 1u << 2, /* files/file_count are meaningful */
   KILN_FEATURE_MEMORY_OPS = 1u << 3  /* KILN_PORT_MEMORY is served (ABI minor >= 1) */
 };
@@ -85,8 +85,8 @@ struct kiln_boot_info {
   uint64_t memory_size;
   uint64_t heap_start; /* the guest's heap: one contiguous RW region, owned by the guest */
   uint64_t heap_size;
-  uint64_t stack_bottom; /* lowest stack address; the page below it is an unmapped guard */
-  uint64_t stack_top;    /* initial rsp */
+  uint64_t stack_bottom;  /* lowest stack address; the page below it is an unmapped guard */
+  uint64_t stack_top;     /* initial rsp */
   uint64_t ist_stack_top; /* stack for exception handlers (TSS IST1), with its own guard */
   uint64_t in_buf;
   uint64_t in_buf_size;
@@ -179,13 +179,13 @@ enum kiln_type {
 /* Status of a call or host call, carried in kiln_msg_header.status. */
 enum kiln_status {
   KILN_STATUS_OK = 0,
-  KILN_STATUS_NOT_FOUND = 1,   /* no function of that name */
-  KILN_STATUS_ARG_COUNT = 2,   /* wrong number of arguments */
-  KILN_STATUS_ARG_TYPE = 3,    /* an argument of the wrong type */
-  KILN_STATUS_FAILED = 4,      /* the function itself reported an error (message follows) */
-  KILN_STATUS_MALFORMED = 5,   /* the message did not parse */
-  KILN_STATUS_TOO_LARGE = 6,   /* the result or request does not fit its buffer */
-  KILN_STATUS_HOST_ERROR = 7,  /* a host function threw or failed inside the host */
+  KILN_STATUS_NOT_FOUND = 1,  /* no function of that name */
+  KILN_STATUS_ARG_COUNT = 2,  /* wrong number of arguments */
+  KILN_STATUS_ARG_TYPE = 3,   /* an argument of the wrong type */
+  KILN_STATUS_FAILED = 4,     /* the function itself reported an error (message follows) */
+  KILN_STATUS_MALFORMED = 5,  /* the message did not parse */
+  KILN_STATUS_TOO_LARGE = 6,  /* the result or request does not fit its buffer */
+  KILN_STATUS_HOST_ERROR = 7, /* a host function threw or failed inside the host */
 };
 #define KILN_STATUS_LAST KILN_STATUS_HOST_ERROR
 

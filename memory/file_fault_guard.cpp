@@ -58,7 +58,8 @@ void on_sigbus(int sig, siginfo_t* info, void* context) {
     const std::uintptr_t page = addr & ~static_cast<std::uintptr_t>(page_size - 1);
     // SAFETY: mmap is a plain syscall (async-signal-safe in practice); MAP_FIXED replaces only
     // the one lost page of a file mapping kiln owns, with a zero page the access can finish on.
-    const int prot = s.writable.load(std::memory_order_relaxed) ? PROT_READ | PROT_WRITE : PROT_READ;
+    const int prot =
+        s.writable.load(std::memory_order_relaxed) ? PROT_READ | PROT_WRITE : PROT_READ;
     void* p = ::mmap(reinterpret_cast<void*>(page), page_size, prot,
                      MAP_PRIVATE | MAP_ANONYMOUS | MAP_FIXED, -1, 0);
     if (p == MAP_FAILED) break; // cannot patch it: let the previous handler decide

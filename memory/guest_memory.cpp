@@ -59,9 +59,10 @@ result<void> guest_memory::add_region(region r) {
     return error(memory_errc::out_of_bounds, "region " + r.name + " outside guest memory");
   const bool in_room = r.start.value >= size();
   if ((r.kind == region_kind::file) != in_room || (!in_room && end > size()))
-    return error(memory_errc::out_of_bounds,
-                 "region " + r.name + (r.kind == region_kind::file ? " outside the file room"
-                                                                   : " outside guest RAM"));
+    return error(
+        memory_errc::out_of_bounds,
+        "region " + r.name +
+            (r.kind == region_kind::file ? " outside the file room" : " outside guest RAM"));
   auto pos = std::lower_bound(regions_.begin(), regions_.end(), r.start,
                               [](const region& a, guest_phys_addr s) { return a.start < s; });
   if (pos != regions_.end() && pos->start.value < end)
@@ -82,8 +83,7 @@ result<void> guest_memory::remove_region(guest_phys_addr start) {
   return {};
 }
 
-result<std::byte*> guest_memory::host_range(guest_phys_addr a, std::uint64_t len,
-                                            bool room) const {
+result<std::byte*> guest_memory::host_range(guest_phys_addr a, std::uint64_t len, bool room) const {
   if (len == 0 || !is_aligned(a.value, page_size) || !is_aligned(len, page_size))
     return error(memory_errc::unaligned, "host range");
   std::uint64_t end = 0;
@@ -117,7 +117,8 @@ result<void> guest_memory::discard(guest_phys_addr a, std::uint64_t len) {
   KILN_TRY_ASSIGN(auto* host, host_range(a, len, false));
   ++host_syscalls_;
   // SAFETY: as in host_protect(); private anonymous pages read as zero after MADV_DONTNEED.
-  if (::madvise(host, len, MADV_DONTNEED) != 0) return errno_error("madvise(DONTNEED) guest memory");
+  if (::madvise(host, len, MADV_DONTNEED) != 0)
+    return errno_error("madvise(DONTNEED) guest memory");
   return {};
 }
 
@@ -135,8 +136,8 @@ result<void> guest_memory::unmap_file(guest_phys_addr a, std::uint64_t len) {
   KILN_TRY_ASSIGN(auto* host, host_range(a, len, true));
   ++host_syscalls_;
   // SAFETY: as in map_file(); the range goes back to an inaccessible reservation.
-  void* p = ::mmap(host, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED,
-                   -1, 0);
+  void* p =
+      ::mmap(host, len, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE | MAP_FIXED, -1, 0);
   if (p == MAP_FAILED) return errno_error("mmap over an unmapped file");
   return {};
 }
@@ -147,7 +148,8 @@ result<std::uint64_t> guest_memory::resident_bytes(guest_phys_addr a, std::uint6
   const auto lo = reinterpret_cast<std::uintptr_t>(host);
   // RAM mapped from an image: only the private copies are this guest's own; the image's pages
   // it reads are shared page cache.
-  const auto filter = !room && image_ ? detail::page_filter::private_ : detail::page_filter::resident;
+  const auto filter =
+      !room && image_ ? detail::page_filter::private_ : detail::page_filter::resident;
   KILN_TRY_ASSIGN(auto ranges, detail::scan_pages(lo, lo + len, filter));
   std::uint64_t bytes = 0;
   for (const auto& [b, e] : ranges)
@@ -169,8 +171,8 @@ result<void> guest_memory::back_with(std::shared_ptr<const snapshot_image> img) 
     ++host_syscalls_;
     // SAFETY: [lo, hi) lies in RAM (extents are within the image, whose size is RAM's).
     const auto& layer = *img->layers()[e.layer];
-    p = ::mmap(mapping_.data() + e.lo, e.hi - e.lo, PROT_READ | PROT_WRITE,
-               MAP_PRIVATE | MAP_FIXED, layer.fd(), static_cast<off_t>(layer.base() + e.lo));
+    p = ::mmap(mapping_.data() + e.lo, e.hi - e.lo, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_FIXED,
+               layer.fd(), static_cast<off_t>(layer.base() + e.lo));
     if (p == MAP_FAILED) return errno_error("mmap snapshot layer as guest RAM");
   }
   image_ = std::move(img);

@@ -37,8 +37,7 @@ void host_mapping::reset() noexcept {
   reserved_ = size_ = extra_ = 0;
 }
 
-result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards,
-                                             std::uint64_t extra) {
+result<host_mapping> host_mapping::anonymous(std::uint64_t size, bool guards, std::uint64_t extra) {
   if (size == 0 || !is_aligned(size, page_size) || !is_aligned(extra, page_size))
     return error(memory_errc::bad_size, "mapping size");
   const std::uint64_t guard = guards ? page_size : 0;

@@ -6,7 +6,7 @@
 namespace kiln::memory {
 namespace {
 
-constexpr std::uint64_t gap_pages = 16;               // 64 KiB: the kernel's own fault-around
+constexpr std::uint64_t gap_pages = 16;                   // 64 KiB: the kernel's own fault-around
 constexpr std::uint64_t region_pages = (2u << 20) / 4096; // 2 MiB
 constexpr std::uint64_t skip_min = 256u << 10;            // working-set reads the rest skips
 constexpr std::size_t lead_regions = 4;                   // see one_pass below
@@ -52,8 +52,7 @@ load_plan plan_load(const snapshot_image& img, const guest_memory& mem,
           }
         }
       }
-      v.push_back({layer->fd(), off, page_size,
-                   mem.host_address_for_mapping(guest_phys_addr{a})});
+      v.push_back({layer->fd(), off, page_size, mem.host_address_for_mapping(guest_phys_addr{a})});
     }
     region_end.push_back(v.size());
   }
@@ -76,7 +75,8 @@ load_plan plan_load(const snapshot_image& img, const guest_memory& mem,
   std::vector<std::pair<std::uint64_t, std::uint64_t>> done;
   for (std::size_t i = 0; i < plan.working_set_extents; ++i)
     if (v[i].length >= skip_min) {
-      const auto lo = static_cast<std::uint64_t>(v[i].host - mem.host_address_for_mapping(guest_phys_addr{0}));
+      const auto lo =
+          static_cast<std::uint64_t>(v[i].host - mem.host_address_for_mapping(guest_phys_addr{0}));
       done.emplace_back(lo, lo + v[i].length);
     }
   std::sort(done.begin(), done.end());

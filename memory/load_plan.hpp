@@ -21,9 +21,9 @@ namespace kiln::memory {
 /// files provide, in address order, less the working-set reads of 256 KiB or more: smaller ones
 /// are read again (a copy from the page cache), since skipping every working-set page cut the
 /// rest into 6,000 requests of 39 KiB. A working set whose regions make up more than half the
-/// file is not read first (see below). Pages the image leaves zero, or holds in memory (a memfd layer), need no read. An
-/// eager load skips the working-set phase: one pass in address order is the fastest way to
-/// everything.
+/// file is not read first (see below). Pages the image leaves zero, or holds in memory (a memfd
+/// layer), need no read. An eager load skips the working-set phase: one pass in address order is
+/// the fastest way to everything.
 struct load_plan {
   std::vector<prefetch_extent> extents; // in reading order, `host` where `mem` maps each
   std::vector<byte_range> guest;        // the guest-physical range of each extent

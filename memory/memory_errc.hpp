@@ -32,11 +32,11 @@ enum class memory_errc {
   file_not_mapped,    // no mapped file of that name
   file_truncated,     // a mapped file shrank after it was mapped; its lost pages were touched
   // Snapshot files
-  snapshot_truncated,   // the file ends before a part its header declares (or shrank)
-  snapshot_bad_magic,   // not a kiln snapshot file
-  snapshot_unsupported, // another format version, architecture or page size
-  snapshot_corrupt,     // a checksum or structural check failed
-  snapshot_too_large,   // a size above kiln's caps
+  snapshot_truncated,       // the file ends before a part its header declares (or shrank)
+  snapshot_bad_magic,       // not a kiln snapshot file
+  snapshot_unsupported,     // another format version, architecture or page size
+  snapshot_corrupt,         // a checksum or structural check failed
+  snapshot_too_large,       // a size above kiln's caps
   snapshot_parent_mismatch, // a layered file's parent is not the file it was written against
 };
 

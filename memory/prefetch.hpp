@@ -27,10 +27,10 @@ struct prefetch_extent {
 
 struct prefetch_options {
   std::uint64_t chunk_bytes = 256ull << 10; // each read and each populate covers at most this
-                                          // (a page multiple, at most 1 GiB)
-  unsigned queue_depth = 8;               // reads in flight (1..256)
-  bool force_thread = false;              // skip io_uring: use the worker-thread path (tests)
-  std::size_t working_set_extents = 0;    // plan[0, this) is the working set (timed separately)
+                                            // (a page multiple, at most 1 GiB)
+  unsigned queue_depth = 8;                 // reads in flight (1..256)
+  bool force_thread = false;                // skip io_uring: use the worker-thread path (tests)
+  std::size_t working_set_extents = 0;      // plan[0, this) is the working set (timed separately)
 };
 
 struct prefetch_stats {

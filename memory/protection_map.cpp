@@ -92,9 +92,8 @@ result<std::vector<protection_change>> protection_map::tighten(guest_phys_addr s
   return changes;
 }
 
-result<std::vector<protection_change>> protection_map::plan(guest_phys_addr start,
-                                                            std::uint64_t size,
-                                                            protection p) const {
+result<std::vector<protection_change>>
+protection_map::plan(guest_phys_addr start, std::uint64_t size, protection p) const {
   KILN_TRY_ASSIGN(auto end, checked_end(start, size));
   if (!covered(start.value, end))
     return error(memory_errc::out_of_bounds, "pages with no recorded protection");
@@ -131,8 +130,8 @@ bool protection_map::all(guest_phys_addr start, std::uint64_t size, protection p
   std::uint64_t end = 0;
   if (size == 0 || __builtin_add_overflow(start.value, size, &end)) return false;
   if (!covered(start.value, end)) return false;
-  for (auto it = std::prev(ranges_.upper_bound(start.value)); it != ranges_.end() && it->first < end;
-       ++it)
+  for (auto it = std::prev(ranges_.upper_bound(start.value));
+       it != ranges_.end() && it->first < end; ++it)
     if (it->second.prot != p) return false;
   return true;
 }

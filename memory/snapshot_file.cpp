@@ -586,8 +586,8 @@ result<snapshot_chain> snapshot_chain::open(const std::string& path) {
     const std::string parent_path = resolve_parent(child.path(), want.path);
     auto parent = snapshot_file::open(parent_path);
     if (!parent)
-      return error(parent.err().code, fmt::format("parent {} of {}: {}", parent_path,
-                                                  child.path(), parent.err().message()));
+      return error(parent.err().code, fmt::format("parent {} of {}: {}", parent_path, child.path(),
+                                                  parent.err().message()));
     const auto& pi = parent->info();
     if (pi.id != want.id || parent->header_crc() != want.header_crc ||
         parent->meta_crc() != want.meta_crc)

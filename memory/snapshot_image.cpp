@@ -146,8 +146,8 @@ result<void> write_zeros(int fd, std::uint64_t off, std::uint64_t len) {
 
 } // namespace
 
-std::shared_ptr<const snapshot_image> snapshot_image::from_files(
-    std::vector<file_layer_source> files, std::uint64_t size) {
+std::shared_ptr<const snapshot_image>
+snapshot_image::from_files(std::vector<file_layer_source> files, std::uint64_t size) {
   auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
   img->size_ = size;
   for (auto& f : files) {
@@ -164,7 +164,8 @@ std::shared_ptr<const snapshot_image> snapshot_image::from_files(
 
 std::size_t snapshot_image::file_layers() const noexcept {
   std::size_t n = 0;
-  while (n < layers_.size() && layers_[n]->file_) ++n;
+  while (n < layers_.size() && layers_[n]->file_)
+    ++n;
   return n;
 }
 
@@ -183,9 +184,9 @@ const image_extent* snapshot_image::extent_at(std::uint64_t a) const noexcept {
   return a < it->hi ? &*it : nullptr;
 }
 
-result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
-    const guest_memory& mem, std::span<const byte_range> zeroed,
-    std::span<const byte_range> unreadable) {
+result<std::shared_ptr<const snapshot_image>>
+snapshot_image::capture(const guest_memory& mem, std::span<const byte_range> zeroed,
+                        std::span<const byte_range> unreadable) {
   const int raw = ::memfd_create("kiln-snapshot", MFD_CLOEXEC | MFD_ALLOW_SEALING);
   if (raw < 0) return errno_error("memfd_create snapshot image");
   auto layer = std::shared_ptr<snapshot_layer>(new snapshot_layer(unique_fd(raw)));
@@ -199,8 +200,8 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
   const auto& parent = mem.image();
   // A new layer over the parent's, unless the stack is as deep as allowed or too fragmented:
   // then one flat layer with everything.
-  const bool layered = parent && parent->layers_.size() < max_depth &&
-                       parent->extents_.size() < max_extents;
+  const bool layered =
+      parent && parent->layers_.size() < max_depth && parent->extents_.size() < max_extents;
   auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
   img->size_ = size;
 
@@ -242,8 +243,8 @@ result<std::shared_ptr<const snapshot_image>> snapshot_image::capture(
       const int from = from_layer.fd();
       const auto in_end = static_cast<loff_t>(from_layer.base() + ext.hi);
       while (in < in_end) {
-        const ssize_t n = ::copy_file_range(from, &in, fd, &out,
-                                            static_cast<std::size_t>(in_end - in), 0);
+        const ssize_t n =
+            ::copy_file_range(from, &in, fd, &out, static_cast<std::size_t>(in_end - in), 0);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP)) {
           // A .ksnap layer on another file system than the memfd: through user space.

@@ -52,8 +52,8 @@ private:
 /// A layer to build an image from: a .ksnap file's data area.
 struct file_layer_source {
   unique_fd fd;
-  std::uint64_t base = 0;            // file offset of guest-physical address 0
-  std::vector<byte_range> extents;   // what the layer provides (sorted, disjoint, validated)
+  std::uint64_t base = 0;          // file offset of guest-physical address 0
+  std::vector<byte_range> extents; // what the layer provides (sorted, disjoint, validated)
   layer_file file;
 };
 
@@ -87,9 +87,9 @@ public:
   /// made inaccessible, PROT_NONE in the host) are stored as zeros. When `mem` is backed by an
   /// image, only the pages the guest dirtied since are read, into a new layer above the
   /// parent's; otherwise only the pages present in host memory are read (the rest are zero).
-  static result<std::shared_ptr<const snapshot_image>> capture(
-      const guest_memory& mem, std::span<const byte_range> zeroed,
-      std::span<const byte_range> unreadable);
+  static result<std::shared_ptr<const snapshot_image>>
+  capture(const guest_memory& mem, std::span<const byte_range> zeroed,
+          std::span<const byte_range> unreadable);
 
   /// An image with one layer per .ksnap file of a chain, oldest first: each file's data is its
   /// fd at file offset `base` + guest-physical address, and provides its `extents` (sorted,

@@ -1,7 +1,7 @@
 // runtime: workers with their own io_context, a service thread for deadlines, time slices and
 // kicks, and the per-sandbox call queue that runs guests inline on their worker.
-#include <kiln/runtime/runtime.hpp>
 #include <kiln/runtime/detail/sandbox_impl.hpp>
+#include <kiln/runtime/runtime.hpp>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -445,9 +445,8 @@ worker& runtime_impl::pick_worker() {
   return *best;
 }
 
-void create_on_worker(
-    const std::shared_ptr<runtime_impl>& rt, create_handler handler,
-    std::function<result<std::unique_ptr<sandbox>>(runtime_impl&)> make) {
+void create_on_worker(const std::shared_ptr<runtime_impl>& rt, create_handler handler,
+                      std::function<result<std::unique_ptr<sandbox>>(runtime_impl&)> make) {
   auto ex = asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),
                          asio::execution::outstanding_work.tracked);
   auto fail = [&](error e) {
@@ -464,8 +463,7 @@ void create_on_worker(
   worker& w = rt->pick_worker();
   w.sandboxes.fetch_add(1);
   rt->alive.fetch_add(1);
-  asio::post(w.ctx, [rt, &w, make = std::move(make), handler = std::move(handler),
-                     ex]() mutable {
+  asio::post(w.ctx, [rt, &w, make = std::move(make), handler = std::move(handler), ex]() mutable {
     auto sb = make(*rt);
     async_sandbox result;
     error_code ec;
@@ -495,9 +493,11 @@ void create_on_worker(
 
 void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
                   host_functions functions, create_handler handler) {
-  create_on_worker(rt, std::move(handler),
-                   [config = std::move(config), functions = std::move(functions)](
-                       runtime_impl&) mutable { return sandbox::create(config, std::move(functions)); });
+  create_on_worker(
+      rt, std::move(handler),
+      [config = std::move(config), functions = std::move(functions)](runtime_impl&) mutable {
+        return sandbox::create(config, std::move(functions));
+      });
 }
 
 void start_create_from(const std::shared_ptr<runtime_impl>& rt, snapshot snap,

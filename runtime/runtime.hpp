@@ -20,9 +20,9 @@
 #include <boost/asio/any_completion_handler.hpp>
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
+#include <boost/asio/async_result.hpp>
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
-#include <boost/asio/async_result.hpp>
 #include <boost/asio/io_context.hpp>
 #include <boost/system/error_code.hpp>
 
@@ -227,9 +227,9 @@ public:
 
 private:
   friend struct detail::sandbox_core;
-  friend void detail::create_on_worker(
-      const std::shared_ptr<detail::runtime_impl>&, detail::create_handler,
-      std::function<result<std::unique_ptr<sandbox>>(detail::runtime_impl&)>);
+  friend void
+  detail::create_on_worker(const std::shared_ptr<detail::runtime_impl>&, detail::create_handler,
+                           std::function<result<std::unique_ptr<sandbox>>(detail::runtime_impl&)>);
   explicit async_sandbox(std::shared_ptr<detail::sandbox_core> core) : core_(std::move(core)) {}
   std::shared_ptr<detail::sandbox_core> core_;
   std::shared_ptr<const error> create_error_;
@@ -261,8 +261,7 @@ public:
   /// loaded worker. For a snapshot loaded from a file, the load's prefetch (config.load) is
   /// reaped on the runtime's service thread. Completion: void(error_code, async_sandbox).
   template <class Token>
-  auto async_create(snapshot snap, host_functions functions, sandbox_config config,
-                    Token&& token) {
+  auto async_create(snapshot snap, host_functions functions, sandbox_config config, Token&& token) {
     return boost::asio::async_initiate<Token, void(error_code, async_sandbox)>(
         [rt = impl_](auto handler, snapshot s, sandbox_config c, host_functions f) {
           detail::start_create_from(rt, std::move(s), std::move(c), std::move(f),

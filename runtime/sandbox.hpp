@@ -68,7 +68,7 @@ struct load_options {
   /// Each read and populate covers at most this. 256 KiB with 8 in flight measured best on the
   /// build machine (5.2 GB/s from an evicted file; 1 MiB: 3.4 GB/s, 4 MiB: 1.7 GB/s).
   std::uint64_t chunk_bytes = 256ull << 10;
-  unsigned queue_depth = 8;               // reads in flight
+  unsigned queue_depth = 8; // reads in flight
 };
 
 struct sandbox_config {
@@ -104,8 +104,8 @@ struct sandbox_config {
 struct load_stats {
   bool from_file = false;
   load_mode mode = load_mode::prefetch;
-  bool io_uring = false;                    // the prefetch ran on io_uring (else a thread)
-  std::chrono::nanoseconds to_start{};      // until the vCPU could run (create() returned)
+  bool io_uring = false;                      // the prefetch ran on io_uring (else a thread)
+  std::chrono::nanoseconds to_start{};        // until the vCPU could run (create() returned)
   std::chrono::nanoseconds to_first_result{}; // until the first call's result
   std::chrono::nanoseconds to_working_set{};  // until the recorded working set was resident
   std::chrono::nanoseconds to_everything{};   // until every page of the file was resident
@@ -158,7 +158,7 @@ struct sandbox_stats {
   std::uint64_t snapshots = 0;
   std::uint64_t restores = 0;
   std::chrono::nanoseconds last_restore_time{};
-  std::uint64_t last_restore_pages = 0; // pages the last restore brought back
+  std::uint64_t last_restore_pages = 0;  // pages the last restore brought back
   std::uint64_t last_restore_copied = 0; // ...of which by copying (the rest were dropped)
   memory_stats memory;
   vcpu::vcpu_stats vcpu;
@@ -193,9 +193,8 @@ public:
   /// For a snapshot loaded from a file, `config.load` says how its pages come in (load_mode;
   /// prefetch by default, run on a thread of its own here, on the runtime's service thread
   /// under kiln::runtime), and stats().load how it went.
-  static result<std::unique_ptr<sandbox>> create(const snapshot& snap,
-                                                 host_functions functions = {},
-                                                 const sandbox_config& config = {});
+  static result<std::unique_ptr<sandbox>>
+  create(const snapshot& snap, host_functions functions = {}, const sandbox_config& config = {});
 
   /// Blocks until a prefetch or eager load has brought every page of the file in (at once for
   /// other sandboxes). For tests and benchmarks; a server just lets it run.

@@ -23,7 +23,6 @@ std::chrono::nanoseconds since(std::chrono::steady_clock::time_point t) {
   return std::chrono::duration_cast<std::chrono::nanoseconds>(std::chrono::steady_clock::now() - t);
 }
 
-
 } // namespace
 
 // ---- loading ------------------------------------------------------------------------------------
@@ -61,8 +60,10 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   prefetch_fds.clear();
   for (const auto& layer : s.image->layers()) {
     if (!layer->file() || plan.one_pass) continue;
-    unique_fd own(::open(fmt::format("/proc/self/fd/{}", layer->fd()).c_str(), O_RDONLY | O_CLOEXEC));
-    struct stat a {}, b {};
+    unique_fd own(
+        ::open(fmt::format("/proc/self/fd/{}", layer->fd()).c_str(), O_RDONLY | O_CLOEXEC));
+    struct stat a {
+    }, b{};
     if (!own || ::fstat(own.get(), &a) != 0 || ::fstat(layer->fd(), &b) != 0 ||
         a.st_dev != b.st_dev || a.st_ino != b.st_ino)
       continue; // no /proc: the shared description, read-ahead and all
@@ -123,11 +124,12 @@ void sandbox::impl::update_load_stats() {
   auto& ls = stats.load;
   ls.io_uring = st.used_io_uring;
   ls.bytes_prefetched = st.bytes_read;
-  const auto offset = std::chrono::duration_cast<std::chrono::nanoseconds>(prefetch_started -
-                                                                            load_started);
+  const auto offset =
+      std::chrono::duration_cast<std::chrono::nanoseconds>(prefetch_started - load_started);
   if (st.working_set_done && !ls.working_set_resident) {
     ls.working_set_resident = true;
-    ls.to_working_set = offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.working_set_time);
+    ls.to_working_set =
+        offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.working_set_time);
   }
   if (st.done && !ls.everything_resident && !st.failure.code) {
     ls.everything_resident = true;
@@ -209,7 +211,8 @@ result<void> sandbox::impl::start_recording() {
     std::vector<memory::protection> prot_of(pages, memory::prot_rw);
     for (const auto& c : prot.list())
       if (const auto* reg = mem.find(c.start))
-        std::fill_n(prot_of.begin() + static_cast<std::ptrdiff_t>(c.start.value / memory::page_size),
+        std::fill_n(prot_of.begin() +
+                        static_cast<std::ptrdiff_t>(c.start.value / memory::page_size),
                     c.size / memory::page_size, detail::host_level(*reg, c.to));
     KILN_TRY_ASSIGN(r.recorder, mem.record_touches(prot_of));
   } else {

@@ -197,8 +197,9 @@ std::optional<error> sandbox::impl::name_memory_fault(std::uint64_t addr, bool w
         errc::memory_violation,
         fmt::format("execute at {:#x} in non-executable {} (rip {:#x})", addr, r->name, rip));
   if (!r && addr >= mem.size() && addr < mem.address_limit())
-    return error(errc::memory_violation,
-                 fmt::format("{} at {:#x}: no file is mapped there (rip {:#x})", access, addr, rip));
+    return error(
+        errc::memory_violation,
+        fmt::format("{} at {:#x}: no file is mapped there (rip {:#x})", access, addr, rip));
   if (r && (r->kind == memory::region_kind::image || r->kind == memory::region_kind::heap ||
             r->kind == memory::region_kind::stack)) {
     const protection now = prot.at(guest_phys_addr{addr});
@@ -245,7 +246,8 @@ std::optional<error> sandbox::impl::lost_file_pages() {
     return error(errc::memory_violation,
                  fmt::format("the snapshot file backing guest memory was truncated: page {:#x} "
                              "is gone{}",
-                             lost - ram, base && !base->source.empty() ? " (" + base->source + ")" : ""));
+                             lost - ram,
+                             base && !base->source.empty() ? " (" + base->source + ")" : ""));
   if (host != 0) return error(errc::memory_violation, "a mapped file lost pages under the guest");
   return std::nullopt;
 }
@@ -335,8 +337,8 @@ result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
     return undo(std::move(r).err());
   if (auto r = tables->set(addr, size, memory::prot_r); !r) return undo(std::move(r).err());
   if (auto r = cpu->map_memory(mem); !r) return undo(std::move(r).err());
-  auto watch = memory::file_fault_watch::create(mem.host_address_for_mapping(addr), size,
-                                                &file_faults);
+  auto watch =
+      memory::file_fault_watch::create(mem.host_address_for_mapping(addr), size, &file_faults);
   if (!watch) return undo(std::move(watch).err());
   slot->watch = std::move(*watch);
   mapped_file_info info{name, slot->file.identity().path, at, slot->file.identity().size};
@@ -351,7 +353,8 @@ result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
 
 result<void> sandbox::impl::unmap_file(std::string_view name) {
   if (calling) return error(errc::not_ready, "files are unmapped between calls");
-  auto it = std::find_if(files.begin(), files.end(), [&](const auto& f) { return f->name == name; });
+  auto it =
+      std::find_if(files.begin(), files.end(), [&](const auto& f) { return f->name == name; });
   if (it == files.end()) return error(memory::memory_errc::file_not_mapped, std::string(name));
   std::unique_ptr<detail::mapped_file_slot> slot = std::move(*it);
   files.erase(it);

@@ -69,7 +69,8 @@ std::size_t parent_layers(const memory::snapshot_image& image, const std::string
   const std::size_t n = image.file_layers();
   if (n == 0) return 0;
   const auto& layers = image.layers();
-  struct stat parent_now {}, parent_loaded {};
+  struct stat parent_now {
+  }, parent_loaded{};
   if (::stat(layers[n - 1]->file()->path.c_str(), &parent_now) != 0 ||
       ::fstat(layers[n - 1]->fd(), &parent_loaded) != 0 || !same_file(parent_now, parent_loaded))
     return 0;
@@ -114,7 +115,8 @@ result<snapshot> snapshot::with_working_set(const working_set& ws) const {
   std::vector<bool> seen(pages);
   for (std::uint32_t pg : ws.pages) {
     if (pg >= pages || seen[pg])
-      return error(errc::bad_arguments, fmt::format("working-set page {} outside memory or repeated", pg));
+      return error(errc::bad_arguments,
+                   fmt::format("working-set page {} outside memory or repeated", pg));
     seen[pg] = true;
   }
   auto s = std::make_shared<detail::snapshot_state>(*state_);
@@ -193,14 +195,15 @@ std::string snapshot::describe() const {
                      memory::has(r.prot, protection::write) ? 'w' : '-',
                      memory::has(r.prot, protection::exec) ? 'x' : '-'));
   line(fmt::format("protection ranges: {}", s.prot.ranges()));
-  line(s.working_set.empty()
-           ? std::string("working set: none recorded")
-           : fmt::format("working set: {} pages ({:.1f} MiB), prefetched first in that order",
-                         s.working_set.size(),
-                         static_cast<double>(s.working_set.size()) * memory::page_size / (1 << 20)));
+  line(
+      s.working_set.empty()
+          ? std::string("working set: none recorded")
+          : fmt::format("working set: {} pages ({:.1f} MiB), prefetched first in that order",
+                        s.working_set.size(),
+                        static_cast<double>(s.working_set.size()) * memory::page_size / (1 << 20)));
   for (const auto& f : s.files)
-    line(fmt::format("mapped file '{}': {} ({} bytes, inode {}) at {:#x}", f.name,
-                     f.identity.path, f.identity.size, f.identity.inode, f.addr.value));
+    line(fmt::format("mapped file '{}': {} ({} bytes, inode {}) at {:#x}", f.name, f.identity.path,
+                     f.identity.size, f.identity.inode, f.addr.value));
   for (const auto& f : s.host_functions)
     line(fmt::format("host function {} ({} parameters)", f.name, f.params.size()));
   line(fmt::format("rip {:#x}, rsp {:#x}", s.regs.rip, s.regs.rsp));
@@ -237,9 +240,8 @@ result<void> sandbox::impl::apply_protections(const memory::protection_map& from
 
 result<void> sandbox::impl::watch_image() {
   const auto& img = mem.image();
-  const bool from_file =
-      img && std::any_of(img->layers().begin(), img->layers().end(),
-                         [](const auto& l) { return l->base() != 0; });
+  const bool from_file = img && std::any_of(img->layers().begin(), img->layers().end(),
+                                            [](const auto& l) { return l->base() != 0; });
   if (!from_file) {
     image_watch = {};
     return {};
@@ -249,9 +251,9 @@ result<void> sandbox::impl::watch_image() {
   if (img->first_shrunk_file())
     return error(memory::memory_errc::snapshot_truncated,
                  "the snapshot file shrank after it was opened");
-  KILN_TRY_ASSIGN(image_watch, memory::file_fault_watch::create(
-                                   mem.host_address_for_mapping(guest_phys_addr{0}), mem.size(),
-                                   &file_faults, /*writable=*/true));
+  KILN_TRY_ASSIGN(image_watch,
+                  memory::file_fault_watch::create(mem.host_address_for_mapping(guest_phys_addr{0}),
+                                                   mem.size(), &file_faults, /*writable=*/true));
   return {};
 }
 
@@ -260,7 +262,8 @@ result<void> sandbox::impl::sync_files(const detail::snapshot_state& s) {
   for (std::size_t i = files.size(); i-- > 0;) {
     const auto& f = *files[i];
     const bool keep = std::any_of(s.files.begin(), s.files.end(), [&](const auto& sf) {
-      return sf.name == f.name && sf.addr == f.addr && sf.identity.inode == f.file.identity().inode &&
+      return sf.name == f.name && sf.addr == f.addr &&
+             sf.identity.inode == f.file.identity().inode &&
              sf.identity.device == f.file.identity().device;
     });
     if (!keep) KILN_TRY(unmap_file(f.name));
@@ -351,8 +354,8 @@ result<void> sandbox::impl::restore(const detail::snapshot_state& s) {
   std::uint64_t pages = 0, copied = 0;
   // After lost pages of a truncated snapshot file were patched, the mapping is not the image's
   // any more: map it afresh.
-  const bool remap = mem.image() != s.image ||
-                     file_faults.first_lost.load(std::memory_order_relaxed) != 0;
+  const bool remap =
+      mem.image() != s.image || file_faults.first_lost.load(std::memory_order_relaxed) != 0;
   if (remap) {
     cancel_loading(); // the prefetch would read another image's files
     KILN_TRY(mem.back_with(s.image));
@@ -374,7 +377,8 @@ result<void> sandbox::impl::restore(const detail::snapshot_state& s) {
   const bool nx = (cpu->abi_features() & KILN_FEATURE_NX) != 0;
   if (nx != s.nx) { // taken on the other backend: NX bits in the leaves follow this one
     for (const auto& r : s.regions)
-      if (r.guest_visible && r.prot != protection::none) KILN_TRY(tables->set(r.start, r.size, r.prot));
+      if (r.guest_visible && r.prot != protection::none)
+        KILN_TRY(tables->set(r.start, r.size, r.prot));
     for (const auto& c : prot.list())
       KILN_TRY(tables->set(c.start, c.size, c.to));
   }
@@ -415,9 +419,10 @@ result<std::unique_ptr<sandbox>> sandbox::create(const snapshot& snap, host_func
   return detail::sandbox_access::create_from_snapshot(snap, std::move(functions), config, {});
 }
 
-result<std::unique_ptr<sandbox>> detail::sandbox_access::create_from_snapshot(
-    const snapshot& snap, host_functions functions, const sandbox_config& config,
-    boost::asio::any_io_executor ex) {
+result<std::unique_ptr<sandbox>>
+detail::sandbox_access::create_from_snapshot(const snapshot& snap, host_functions functions,
+                                             const sandbox_config& config,
+                                             boost::asio::any_io_executor ex) {
   const auto t0 = std::chrono::steady_clock::now();
   if (!snap.state_) return error(errc::not_ready, "empty snapshot");
   const detail::snapshot_state& s = *snap.state_;
@@ -428,9 +433,9 @@ result<std::unique_ptr<sandbox>> detail::sandbox_access::create_from_snapshot(
   for (const auto& want : s.host_functions) {
     const host_function* have = functions.find(want.name);
     if (!have)
-      return error(errc::function_not_found,
-                   fmt::format("host function '{}' recorded in the snapshot is not registered",
-                               want.name));
+      return error(
+          errc::function_not_found,
+          fmt::format("host function '{}' recorded in the snapshot is not registered", want.name));
     if (have->params != want.params || have->returns != want.returns)
       return error(errc::bad_arguments,
                    fmt::format("host function '{}' has another signature than the snapshot "

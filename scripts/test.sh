@@ -14,6 +14,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 scripts/setup.sh
+scripts/check-format.sh
 werror=OFF
 [[ -n ${CI:-} ]] && werror=ON
 scripts/build.sh -DKILN_WERROR=$werror

@@ -62,8 +62,9 @@ int cmd_backends() {
 }
 
 struct run_options {
-  std::vector<std::string> positional; // GUEST FUNCTION ARGS..., or FUNCTION ARGS... with --snapshot
-  std::string snapshot;                // --snapshot FILE
+  std::vector<std::string>
+      positional;       // GUEST FUNCTION ARGS..., or FUNCTION ARGS... with --snapshot
+  std::string snapshot; // --snapshot FILE
   std::string guest;
   std::string function;
   std::vector<std::string> args;
@@ -74,8 +75,8 @@ struct run_options {
   std::vector<std::string> map_files; // PATH or PATH=NAME
   bool stats = false;
   std::string load = "prefetch"; // --load MODE with --snapshot
-  std::string save;       // --save FILE: snapshot after the call
-  bool save_whole = false; // --whole: never a layered file
+  std::string save;              // --save FILE: snapshot after the call
+  bool save_whole = false;       // --whole: never a layered file
 };
 
 /// The host functions every CLI run offers, so guests that call the host can be tried from here.
@@ -170,7 +171,8 @@ int cmd_run(run_options o) {
   std::fflush(stdout);
   if (r && !o.save.empty()) {
     auto snap = (*sb)->take_snapshot();
-    auto saved = snap ? snap->save(o.save, {.layered = !o.save_whole}) : kiln::result<void>(snap.err());
+    auto saved =
+        snap ? snap->save(o.save, {.layered = !o.save_whole}) : kiln::result<void>(snap.err());
     if (!saved) {
       fmt::print(stderr, "kiln: cannot save {}: {}\n", o.save, saved.err().message());
       return 1;
@@ -217,7 +219,8 @@ int cmd_run(run_options o) {
       if (w.working_set_resident)
         fmt::print(stderr, "  working set resident after {:.2f} ms, everything after {:.2f} ms\n",
                    ms(w.to_working_set), ms(w.to_everything));
-      fmt::print(stderr, "  {} KiB read ahead; {} page faults during the load ({} waited for the disk)\n",
+      fmt::print(stderr,
+                 "  {} KiB read ahead; {} page faults during the load ({} waited for the disk)\n",
                  w.bytes_prefetched / 1024, w.faults, w.major_faults);
       if (w.bytes_prefaulted != 0)
         fmt::print(stderr, "  {} KiB pre-faulted in the second-level page tables\n",
@@ -346,10 +349,12 @@ int main(int argc, char** argv) {
   run->add_option("--heap", ro.heap, "Guest heap size (default 0: all memory left)");
   run->add_option("--map-file", ro.map_files,
                   "Map a host file read-only into the guest: PATH or PATH=NAME (repeatable)");
-  run->add_flag("--stats", ro.stats, "Print create time, call time, exits and memory counters to stderr");
-  run->add_option("--load", ro.load,
-                  "With --snapshot: prefetch (default: start at once, io_uring reads the working set "
-                  "then the rest), demand (pages fault in) or eager (read everything first)");
+  run->add_flag("--stats", ro.stats,
+                "Print create time, call time, exits and memory counters to stderr");
+  run->add_option(
+      "--load", ro.load,
+      "With --snapshot: prefetch (default: start at once, io_uring reads the working set "
+      "then the rest), demand (pages fault in) or eager (read everything first)");
   run->add_option("--save", ro.save,
                   "After a successful call, save a snapshot here (with --snapshot: a small layered "
                   "file over that one)");
@@ -364,9 +369,10 @@ int main(int argc, char** argv) {
   snapshot->add_option("--memory", snap_memory, "Guest memory size (default 16M)");
   snapshot->add_option("--map-file", snap_files, "Map a host file: PATH or PATH=NAME");
   std::vector<std::string> snap_record;
-  snapshot->add_option("--record", snap_record,
-                       "FUNCTION [ARGS...]: run this call from the snapshot and store the pages it "
-                       "touches as the working set a load prefetches first")
+  snapshot
+      ->add_option("--record", snap_record,
+                   "FUNCTION [ARGS...]: run this call from the snapshot and store the pages it "
+                   "touches as the working set a load prefetches first")
       ->expected(1, -1);
   std::string inspect_path, verify_path;
   auto* inspect = app.add_subcommand("inspect", "Describe a .ksnap file");

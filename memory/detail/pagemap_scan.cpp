@@ -74,8 +74,7 @@ result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter 
   if (scanned) return out;
 
   out.clear();
-  constexpr std::uint64_t present = 1ull << 63, file_or_shared = 1ull << 61,
-                          exclusive = 1ull << 56;
+  constexpr std::uint64_t present = 1ull << 63, file_or_shared = 1ull << 61, exclusive = 1ull << 56;
   std::vector<std::uint64_t> entries(4096);
   const std::uint64_t first = lo / page_size;
   for (std::uint64_t done = 0, total = (hi - lo) / page_size; done < total;) {

@@ -66,8 +66,7 @@ enum class page_filter {
 /// exclusively mapped; for `private_`, present, exclusively mapped and neither file nor shared;
 /// for `touched`, present; for `clean`, present and file or shared, since the zero page cannot
 /// be told apart there without privileges).
-result<std::vector<std::pair<std::uintptr_t, std::uintptr_t>>> scan_pages(std::uintptr_t lo,
-                                                                          std::uintptr_t hi,
-                                                                          page_filter filter);
+result<std::vector<std::pair<std::uintptr_t, std::uintptr_t>>>
+scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter filter);
 
 } // namespace kiln::memory::detail

@@ -9,9 +9,9 @@
 namespace kiln::memory::x86_64 {
 namespace {
 
+using pte::addr_mask;
 using pte::entries_per_table;
 using pte::gib;
-using pte::addr_mask;
 
 bool is_table_pointer(std::uint64_t pde) {
   return (pde & pte::present) && !(pde & pte::large);
@@ -161,8 +161,9 @@ result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::ui
     const std::uint64_t first_flags = pt[0] & ~addr_mask;
     bool uniform = true;
     for (std::uint64_t i = 0; i < entries_per_table && uniform; ++i)
-      uniform = (pt[i] & ~addr_mask) == first_flags &&
-                (!(pt[i] & pte::present) ? pt[i] == 0 : (pt[i] & addr_mask) == chunk + i * page_size);
+      uniform =
+          (pt[i] & ~addr_mask) == first_flags &&
+          (!(pt[i] & pte::present) ? pt[i] == 0 : (pt[i] & addr_mask) == chunk + i * page_size);
     if (uniform) {
       const std::uint64_t want = (pt[0] & pte::present) ? (chunk | first_flags | pte::large) : 0;
       KILN_TRY(write_entry(pde_addr, want));

@@ -82,9 +82,9 @@ private:
 
   guest_memory& mem_;
   guest_phys_addr root_;
-  std::uint64_t pd_count_;      // PDs follow the PDPT: PD g maps [g GiB, g+1 GiB)
-  std::uint64_t used_tables_;   // table pages handed out from the root upwards
-  std::uint64_t max_tables_;    // table pages that fit the reserved area
+  std::uint64_t pd_count_;          // PDs follow the PDPT: PD g maps [g GiB, g+1 GiB)
+  std::uint64_t used_tables_;       // table pages handed out from the root upwards
+  std::uint64_t max_tables_;        // table pages that fit the reserved area
   std::vector<std::uint64_t> free_; // addresses of table pages folded back, for reuse
   bool nx_;
   std::uint64_t edits_ = 0;

@@ -38,7 +38,6 @@ struct step {
   static step parked(kiln::sandbox::pending_host_call h) { return {park, {}, {}, std::move(h)}; }
 };
 
-
 /// One host file mapped into the guest.
 struct mapped_file_slot {
   std::string name;
@@ -91,7 +90,7 @@ struct snapshot_state {
   std::vector<snapshot_file> files;
   std::vector<recorded_function> host_functions;
   std::vector<std::uint32_t> working_set; // guest pages in first-touch order (may be empty)
-  std::string source; // the .ksnap it was loaded from, if any
+  std::string source;                     // the .ksnap it was loaded from, if any
 };
 
 } // namespace kiln::detail
@@ -192,7 +191,7 @@ struct sandbox::impl {
   std::shared_ptr<detail::prefetch_driver> prefetcher;
   std::chrono::steady_clock::time_point load_started, prefetch_started;
   bool awaiting_first_result = false;
-  bool load_complete = true; // false while a file's pages are still coming in (or demand)
+  bool load_complete = true;    // false while a file's pages are still coming in (or demand)
   bool read_around_off = false; // guest faults read only their page while the prefetch leads
   // Stage-2 pre-faulting (KVM): the guest ranges of the working set and of the whole file, each
   // pre-faulted once it is resident, between runs.

@@ -45,8 +45,7 @@ class reader {
 public:
   reader(std::span<const std::byte> in, const char* section) : in_(in), section_(section) {}
   template <class T>
-  requires std::is_trivially_copyable_v<T>
-  result<T> get() {
+  requires std::is_trivially_copyable_v<T> result<T> get() {
     if (in_.size() - pos_ < sizeof(T)) return short_read();
     T v;
     std::memcpy(&v, in_.data() + pos_, sizeof v);
@@ -65,7 +64,8 @@ public:
     return {};
   }
   error bad(const std::string& what) const {
-    return error(memory::memory_errc::snapshot_corrupt, fmt::format("{} section: {}", section_, what));
+    return error(memory::memory_errc::snapshot_corrupt,
+                 fmt::format("{} section: {}", section_, what));
   }
 
 private:
@@ -224,8 +224,8 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
       if (sec.tag == t) return &sec;
     return nullptr;
   };
-  for (tag t : {tag::layout, tag::regions, tag::vcpu, tag::protection, tag::page_tables,
-                tag::files, tag::host_functions})
+  for (tag t : {tag::layout, tag::regions, tag::vcpu, tag::protection, tag::page_tables, tag::files,
+                tag::host_functions})
     if (!find(t))
       return error(memory::memory_errc::snapshot_corrupt,
                    fmt::format("section {} missing", static_cast<unsigned>(t)));
@@ -247,14 +247,15 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
     s.taken_on = kvm ? vcpu::backend_kind::kvm : vcpu::backend_kind::emulated;
     s.nx = nx != 0;
     // The layout must be the one kiln plans for these sizes and this image end.
-    auto planned = memory::plan_layout({memory_size, s.heap_size, s.stack_size},
-                                       guest_phys_addr{v[1]});
+    auto planned =
+        memory::plan_layout({memory_size, s.heap_size, s.stack_size}, guest_phys_addr{v[1]});
     if (!planned) return r.bad("layout does not plan: " + planned.err().message());
     const memory::layout& l = *planned;
     if (v[0] != l.memory_size || v[2] != l.heap_start.value || v[3] != l.heap_size ||
         v[4] != l.stack_guard.value || v[5] != l.stack_bottom.value || v[6] != l.stack_top.value)
       return r.bad("layout differs from kiln's plan for its sizes");
-    if (s.file_room > fixed::max_file_room || !memory::is_aligned(s.file_room, memory::large_page_size))
+    if (s.file_room > fixed::max_file_room ||
+        !memory::is_aligned(s.file_room, memory::large_page_size))
       return r.bad("file room");
     s.layout = l;
   }
@@ -299,7 +300,8 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
       if (reg.kind == k::image) {
         std::uint64_t end = 0;
         ok = reg.guest_visible && reg.prot != memory::protection::none &&
-             reg.start >= fixed::image_base && !__builtin_add_overflow(reg.start.value, reg.size, &end) &&
+             reg.start >= fixed::image_base &&
+             !__builtin_add_overflow(reg.start.value, reg.size, &end) &&
              end <= s.layout.image_end.value &&
              !(memory::has(reg.prot, memory::protection::write) &&
                memory::has(reg.prot, memory::protection::exec));
@@ -317,9 +319,9 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
   { // vCPU: general registers, FS/GS base, IDT, CR2 and FPU from the file; the rest rebuilt.
     reader r(find(tag::vcpu)->payload, "vcpu");
     auto& g = s.regs;
-    for (std::uint64_t* v : {&g.rax, &g.rbx, &g.rcx, &g.rdx, &g.rsi, &g.rdi, &g.rsp, &g.rbp, &g.r8,
-                             &g.r9, &g.r10, &g.r11, &g.r12, &g.r13, &g.r14, &g.r15, &g.rip,
-                             &g.rflags}) {
+    for (std::uint64_t* v :
+         {&g.rax, &g.rbx, &g.rcx, &g.rdx, &g.rsi, &g.rdi, &g.rsp, &g.rbp, &g.r8, &g.r9, &g.r10,
+          &g.r11, &g.r12, &g.r13, &g.r14, &g.r15, &g.rip, &g.rflags}) {
       KILN_TRY_ASSIGN(*v, r.get<std::uint64_t>());
     }
     vcpu::segment fs, gs;
@@ -407,8 +409,7 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
     const std::uint64_t max_tables = fixed::page_tables_max / memory::page_size;
     if (s.tables.root != fixed::page_tables || s.tables.max_tables != max_tables ||
         s.tables.used_tables > max_tables || s.tables.pd_count > 512 || s.tables.pd_count == 0 ||
-        n > s.tables.used_tables ||
-        s.tables.pd_count * (1ull << 30) < memory_size + s.file_room)
+        n > s.tables.used_tables || s.tables.pd_count * (1ull << 30) < memory_size + s.file_room)
       return r.bad("page-table bookkeeping");
     s.tables.free.clear();
     for (std::uint32_t i = 0; i < n; ++i) {

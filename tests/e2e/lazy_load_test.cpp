@@ -36,7 +36,8 @@ std::uint64_t cached_pages(const std::string& path) {
   EXPECT_EQ(::mincore(m, size, v.data()), 0);
   ::munmap(m, size);
   ::close(fd);
-  return static_cast<std::uint64_t>(std::count_if(v.begin(), v.end(), [](unsigned char c) { return c & 1; }));
+  return static_cast<std::uint64_t>(
+      std::count_if(v.begin(), v.end(), [](unsigned char c) { return c & 1; }));
 }
 
 /// Drops `path` from the page cache (written back first), as after a reboot.
@@ -50,7 +51,6 @@ void evict(const std::string& path) {
 
 class lazy_load_e2e : public file_backend_test {
 protected:
-
   /// A 64 MiB memory_test snapshot with 16 MiB of heap data (value 5), whose working set is the
   /// pages `sum_pages` reads over its first 4 MiB, saved to `file`. Sets heap_.
   void save_with_working_set(const std::string& file) {
@@ -119,9 +119,9 @@ TEST_F(lazy_load_e2e, recording_lists_the_pages_a_call_touches_in_first_touch_or
 
   // A guest memory request ends the recording (it may reprotect armed pages) and is served.
   ASSERT_TRUE((*sb)->start_recording());
-  EXPECT_EQ(as<std::int32_t>((*sb)->call("protect", h + 16 * page, page,
-                                         std::int32_t{KILN_PROT_READ})),
-            0);
+  EXPECT_EQ(
+      as<std::int32_t>((*sb)->call("protect", h + 16 * page, page, std::int32_t{KILN_PROT_READ})),
+      0);
   EXPECT_TRUE((*sb)->stop_recording()) << "ended by the request, its pages kept";
   auto write = (*sb)->call("touch", h + 16 * page, page, std::int64_t{1});
   EXPECT_EQ(write.code(), errc::memory_violation) << "the page is read-only, as the guest asked";
@@ -173,7 +173,8 @@ TEST_F(lazy_load_e2e, a_snapshot_or_restore_ends_a_recording_and_keeps_its_pages
   EXPECT_EQ(as<std::uint64_t>((*sb)->call("sum_pages", h, 4 * page)), 0u);
 }
 
-TEST_F(lazy_load_e2e, the_working_set_is_stored_in_the_file_and_every_load_mode_gives_the_same_guest) {
+TEST_F(lazy_load_e2e,
+       the_working_set_is_stored_in_the_file_and_every_load_mode_gives_the_same_guest) {
   const auto file = path("ws.ksnap");
   ASSERT_NO_FATAL_FAILURE(save_with_working_set(file));
   auto loaded = snapshot::load(file);
@@ -314,7 +315,8 @@ TEST_F(lazy_load_e2e, the_runtime_reaps_the_prefetch_on_its_service_thread) {
   runtime rt({.workers = 1});
   auto sb = rt.async_create(*loaded, {}, config_for("memory_test"), boost::asio::use_future).get();
   ASSERT_TRUE(sb);
-  auto r = sb.async_call("sum_pages", {value{heap_}, value{16 * mib}}, boost::asio::use_future).get();
+  auto r =
+      sb.async_call("sum_pages", {value{heap_}, value{16 * mib}}, boost::asio::use_future).get();
   ASSERT_TRUE(std::holds_alternative<std::uint64_t>(r)) << to_string(r);
   EXPECT_EQ(std::get<std::uint64_t>(r), 5u * 4096);
   // The prefetch finishes by itself, driven by the service thread (nobody waits on it here;
@@ -350,7 +352,8 @@ TEST_F(lazy_load_e2e, sandboxes_destroyed_or_a_runtime_stopped_mid_prefetch_leav
     // Two destroyed at once, one after a call, one left to the runtime's stop.
     boxes[0].async_destroy(boost::asio::use_future).get();
     boxes[1].async_destroy(boost::asio::use_future).get();
-    auto r = boxes[2].async_call("sum_pages", {value{heap_}, value{mib}}, boost::asio::use_future).get();
+    auto r =
+        boxes[2].async_call("sum_pages", {value{heap_}, value{mib}}, boost::asio::use_future).get();
     ASSERT_TRUE(std::holds_alternative<std::uint64_t>(r));
     EXPECT_EQ(std::get<std::uint64_t>(r), 5u * 256);
     boxes[2].async_destroy(boost::asio::use_future).get();

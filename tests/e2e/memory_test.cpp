@@ -17,7 +17,6 @@ namespace {
 constexpr std::uint64_t page = 4096, mib = 1ull << 20;
 using memory::memory_errc;
 
-
 /// A temporary directory with files of known bytes, removed at the end.
 class temp_files {
 public:
@@ -129,9 +128,9 @@ TEST_F(memory_e2e, redundant_requests_issue_nothing_to_the_host) {
   // The same range again, whole and then page by page: every request changes nothing.
   EXPECT_EQ(as<std::int32_t>(sb->call("protect", a, pages * page, std::int32_t{KILN_PROT_READ})),
             KILN_MEMORY_OK);
-  EXPECT_EQ(as<std::int32_t>(
-                sb->call("protect_pages", a, pages * page, std::int32_t{KILN_PROT_READ})),
-            KILN_MEMORY_OK);
+  EXPECT_EQ(
+      as<std::int32_t>(sb->call("protect_pages", a, pages * page, std::int32_t{KILN_PROT_READ})),
+      KILN_MEMORY_OK);
   const auto after = sb->stats().memory;
   EXPECT_EQ(after.host_syscalls, before.host_syscalls);
   EXPECT_EQ(after.backend_calls, before.backend_calls);
@@ -150,9 +149,9 @@ TEST_F(memory_e2e, without_bookkeeping_every_request_reaches_the_host) {
   ASSERT_EQ(as<std::int32_t>(sb->call("protect", a, pages * page, std::int32_t{KILN_PROT_READ})),
             KILN_MEMORY_OK);
   const auto before = sb->stats().memory;
-  EXPECT_EQ(as<std::int32_t>(
-                sb->call("protect_pages", a, pages * page, std::int32_t{KILN_PROT_READ})),
-            KILN_MEMORY_OK);
+  EXPECT_EQ(
+      as<std::int32_t>(sb->call("protect_pages", a, pages * page, std::int32_t{KILN_PROT_READ})),
+      KILN_MEMORY_OK);
   const auto after = sb->stats().memory;
   EXPECT_EQ(after.host_syscalls - before.host_syscalls, pages);
   EXPECT_EQ(after.page_table_edits, before.page_table_edits); // the editor compares anyway
@@ -167,9 +166,8 @@ TEST_F(memory_e2e, the_range_cap_answers_limit_and_keeps_earlier_changes) {
   std::int32_t last = KILN_MEMORY_OK;
   int served = 0;
   for (int i = 0; i < 10 && last == KILN_MEMORY_OK; ++i) {
-    last = as<std::int32_t>(
-        sb->call("protect", a + 2 * page * static_cast<std::uint64_t>(i), page,
-                 std::int32_t{KILN_PROT_READ}));
+    last = as<std::int32_t>(sb->call("protect", a + 2 * page * static_cast<std::uint64_t>(i), page,
+                                     std::int32_t{KILN_PROT_READ}));
     served += last == KILN_MEMORY_OK;
   }
   EXPECT_EQ(last, KILN_MEMORY_LIMIT);
@@ -364,8 +362,7 @@ TEST_F(memory_e2e, a_file_truncated_after_mapping_fails_only_its_sandbox) {
   EXPECT_NE(r.err().message().find("truncated"), std::string::npos) << r.err().message();
   EXPECT_TRUE(victim->poisoned());
   // Another sandbox goes on with the pages that are left, and with its own memory.
-  EXPECT_EQ(as<std::int32_t>(bystander->call("file_byte", std::string("f"), std::uint64_t{5})),
-            36);
+  EXPECT_EQ(as<std::int32_t>(bystander->call("file_byte", std::string("f"), std::uint64_t{5})), 36);
   EXPECT_EQ(as<std::uint64_t>(bystander->call("heap_start")) % (2 * mib), 0u);
 }
 

@@ -52,8 +52,8 @@ TEST_F(runtime_test, future_style) {
 }
 
 TEST_F(runtime_test, files_are_mapped_and_unmapped_in_order_with_calls) {
-  const auto dir = std::filesystem::temp_directory_path() /
-                   ("kiln-runtime-map-" + std::to_string(::getpid()));
+  const auto dir =
+      std::filesystem::temp_directory_path() / ("kiln-runtime-map-" + std::to_string(::getpid()));
   std::filesystem::create_directories(dir);
   const auto path = (dir / "data").string();
   std::ofstream(path, std::ios::binary).write("\x05\x06\x07", 3);
@@ -384,13 +384,15 @@ TEST_F(runtime_test, stop_aborts_outstanding_calls) {
 
 std::size_t count_entries(const char* dir) {
   std::size_t n = 0;
-  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir)) ++n;
+  for ([[maybe_unused]] auto& e : std::filesystem::directory_iterator(dir))
+    ++n;
   return n;
 }
 std::size_t count_lines(const char* file) {
   std::ifstream in(file);
   std::size_t n = 0;
-  for (std::string line; std::getline(in, line);) ++n;
+  for (std::string line; std::getline(in, line);)
+    ++n;
   return n;
 }
 
@@ -398,8 +400,10 @@ TEST_F(runtime_test, stop_leaks_no_threads_fds_or_mappings) {
   auto round = [&] {
     runtime rt({.workers = 3});
     std::vector<async_sandbox> all;
-    for (int i = 0; i < 6; ++i) all.push_back(create(rt, "calc"));
-    for (auto& sb : all) sb.async_call("add_i32", {1, 2}, asio::use_future).get();
+    for (int i = 0; i < 6; ++i)
+      all.push_back(create(rt, "calc"));
+    for (auto& sb : all)
+      sb.async_call("add_i32", {1, 2}, asio::use_future).get();
     auto spin = create(rt, "faults");
     auto f = spin.async_call("spin", {}, asio::use_future);
     std::this_thread::sleep_for(10ms);
@@ -415,7 +419,8 @@ TEST_F(runtime_test, stop_leaks_no_threads_fds_or_mappings) {
   const auto threads = thread_count_settled(before);
   const auto fds = count_entries("/proc/self/fd");
   const auto maps = count_lines("/proc/self/maps");
-  for (int i = 0; i < 3; ++i) round();
+  for (int i = 0; i < 3; ++i)
+    round();
   EXPECT_EQ(thread_count_settled(threads), threads);
   EXPECT_EQ(count_entries("/proc/self/fd"), fds) << [] {
     std::string links;

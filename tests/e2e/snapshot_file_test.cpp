@@ -17,7 +17,6 @@ namespace {
 
 constexpr std::uint64_t page = 4096, mib = 1ull << 20;
 
-
 using snapshot_file_e2e = file_backend_test;
 
 /// The host functions `kiln snapshot` registered when the golden files were written.
@@ -376,7 +375,8 @@ TEST_F(snapshot_file_e2e, a_damaged_file_is_refused_before_anything_is_built) {
   EXPECT_EQ(snapshot::load(flipped).code(), memory::memory_errc::snapshot_corrupt);
   const auto link = path("link.ksnap");
   std::filesystem::create_symlink(file, link);
-  EXPECT_EQ(snapshot::load(link).code(), std::make_error_code(std::errc::too_many_symbolic_link_levels));
+  EXPECT_EQ(snapshot::load(link).code(),
+            std::make_error_code(std::errc::too_many_symbolic_link_levels));
   EXPECT_TRUE(snapshot::load(file)); // the original is fine
 }
 

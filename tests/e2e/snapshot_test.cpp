@@ -18,7 +18,6 @@ namespace {
 
 constexpr std::uint64_t page = 4096, mib = 1ull << 20;
 
-
 class snapshot_e2e : public backend_test {
 protected:
   std::unique_ptr<sandbox> make_sized(std::uint64_t memory) {
@@ -65,7 +64,8 @@ TEST_F(snapshot_e2e, restore_brings_every_register_back_to_the_captured_values) 
     EXPECT_EQ(as<double>((*sb)->call("mul_f64", 1.5 + i, 2.25)), (1.5 + i) * 2.25);
     EXPECT_EQ(as<std::int32_t>((*sb)->call("add", 40, i)), 40 + i);
     const cpu_state dirty = read_cpu(**sb);
-    EXPECT_NE(dirty.fpu, captured.fpu) << "the calls left other SSE state (else this proves nothing)";
+    EXPECT_NE(dirty.fpu, captured.fpu)
+        << "the calls left other SSE state (else this proves nothing)";
     ASSERT_TRUE((*sb)->restore(*snap));
     const cpu_state back = read_cpu(**sb);
     EXPECT_EQ(back.regs, captured.regs);

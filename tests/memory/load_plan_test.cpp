@@ -104,7 +104,8 @@ TEST_F(LoadPlan, AWorkingSetOverMostOfTheFileLeadsWithItsFirstRegionsThenOnePass
   EXPECT_TRUE(p.one_pass);
   EXPECT_EQ(p.working_set_extents, p.extents.size()) << "resident when the pass ends";
   ASSERT_GE(p.extents.size(), 2u);
-  EXPECT_EQ(p.guest[0].first, (ram / page_size - region) * page_size) << "the first touched region leads";
+  EXPECT_EQ(p.guest[0].first, (ram / page_size - region) * page_size)
+      << "the first touched region leads";
   EXPECT_EQ(bytes(p, 0, p.extents.size()), ram);
 }
 

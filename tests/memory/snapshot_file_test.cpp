@@ -874,9 +874,8 @@ TEST_F(SnapshotFile, ALayeredFileHoldsOnlyWhatDiffersAndLoadsOverItsParent) {
   ASSERT_TRUE(f) << f.err().message();
   ASSERT_TRUE(f->info().parent.has_value());
   EXPECT_EQ(f->info().parent->id, make_info(1).id);
-  EXPECT_EQ(f->extents(), (std::vector<byte_range>{{0x1000, 0x2000},
-                                                    {0x201000, 0x202000},
-                                                    {0x302000, 0x303000}}))
+  EXPECT_EQ(f->extents(),
+            (std::vector<byte_range>{{0x1000, 0x2000}, {0x201000, 0x202000}, {0x302000, 0x303000}}))
       << "the changed, cleared and new pages only";
   auto parent_bytes = snapshot_file::open(path_)->allocated_bytes();
   auto child_bytes = f->allocated_bytes();
@@ -955,7 +954,8 @@ TEST_F(SnapshotFile, AChainWithAMissingChangedOrForeignParentIsRefused) {
   auto mem = fill_ram(6);
   auto img = capture(mem);
   auto child_info = make_info(6);
-  child_info.parent = snapshot_parent{"snap.ksnap", pf->info().id, pf->header_crc(), pf->meta_crc()};
+  child_info.parent =
+      snapshot_parent{"snap.ksnap", pf->info().id, pf->header_crc(), pf->meta_crc()};
   ASSERT_TRUE(write_snapshot_file(child, *img, child_info, 1));
   EXPECT_EQ(snapshot_chain::open(child).code(), memory_errc::snapshot_parent_mismatch);
 

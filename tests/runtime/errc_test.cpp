@@ -73,8 +73,8 @@ constexpr errc guest_caused[] = {
     errc::guest_fault,  errc::stack_overflow,    errc::memory_violation, errc::guest_aborted,
     errc::invalid_port, errc::malformed_message, errc::guest_halted,     errc::unexpected_exit,
     errc::cancelled,    errc::deadline_exceeded, errc::not_ready,        errc::backend_failure};
-constexpr errc caller_side[] = {errc::poisoned, errc::function_not_found, errc::bad_arguments,
-                                errc::guest_error, errc::result_too_large, errc::queue_full};
+constexpr errc caller_side[] = {errc::poisoned,    errc::function_not_found, errc::bad_arguments,
+                                errc::guest_error, errc::result_too_large,   errc::queue_full};
 
 TEST(Poisons, ListsCoverEveryEnumeratorOnce) {
   std::set<int> all;

@@ -182,10 +182,12 @@ TEST(SnapshotCodec, RefusesBrokenFraming) {
     EXPECT_EQ(round_trip(missing).code(), memory::memory_errc::snapshot_corrupt) << "section " << i;
     auto truncated = good;
     truncated[i].payload.pop_back();
-    EXPECT_EQ(round_trip(truncated).code(), memory::memory_errc::snapshot_corrupt) << "section " << i;
+    EXPECT_EQ(round_trip(truncated).code(), memory::memory_errc::snapshot_corrupt)
+        << "section " << i;
     auto trailing = good;
     trailing[i].payload.push_back(std::byte{0});
-    EXPECT_EQ(round_trip(trailing).code(), memory::memory_errc::snapshot_corrupt) << "section " << i;
+    EXPECT_EQ(round_trip(trailing).code(), memory::memory_errc::snapshot_corrupt)
+        << "section " << i;
   }
   // A count field of 2^32-1 must fail on the bytes, not allocate.
   auto huge = good;

@@ -79,8 +79,8 @@ TEST(cli, map_file_makes_a_host_file_visible_by_name) {
   auto o = run("run " + guest + " file_sum str:data --map-file " + path + "=data" + emu);
   EXPECT_EQ(o.status, 0) << o.out;
   EXPECT_EQ(o.out, "6\n");
-  auto stats = run("run " + guest + " file_size str:data --map-file " + path + "=data --stats" +
-                   emu);
+  auto stats =
+      run("run " + guest + " file_size str:data --map-file " + path + "=data --stats" + emu);
   EXPECT_NE(stats.out.find("file 'data': 3 bytes at guest 0x"), std::string::npos) << stats.out;
   auto missing = run("run " + guest + " file_size str:data --map-file /nonexistent/x" + emu);
   EXPECT_EQ(missing.status, 1);
@@ -131,8 +131,8 @@ TEST(cli, a_recorded_working_set_is_stored_and_each_load_mode_reports_its_figure
   auto heap = run("run " + guest + " heap_start --memory 32M" + emu);
   ASSERT_EQ(heap.status, 0) << heap.out;
   const std::string h = heap.out.substr(0, heap.out.find('\n'));
-  auto made = run("snapshot " + guest + " --memory 32M -o " + file +
-                  " --record sum_pages " + h + ":u64 1048576:u64" + emu);
+  auto made = run("snapshot " + guest + " --memory 32M -o " + file + " --record sum_pages " + h +
+                  ":u64 1048576:u64" + emu);
   ASSERT_EQ(made.status, 0) << made.out;
   EXPECT_NE(made.out.find("working set: "), std::string::npos) << made.out;
   EXPECT_NE(run("inspect " + file).out.find("working set: 2"), std::string::npos)
