@@ -3,6 +3,7 @@
 #include <kiln/memory/address.hpp>
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/prefetch.hpp>
+#include <kiln/support/log.hpp>
 #include <kiln/support/unique_fd.hpp>
 
 #include <liburing.h>
@@ -50,8 +51,8 @@ std::atomic<bool> fallback_reported{false};
 
 void report_fallback(const char* why, int err) {
   if (fallback_reported.exchange(true)) return;
-  std::fprintf(stderr, "kiln: prefetch: io_uring unavailable (%s: %s), using a worker thread\n",
-               why, std::strerror(err));
+  log_message(log_level::warning, std::string("prefetch: io_uring unavailable (") + why + ": " +
+                                      std::strerror(err) + "), using a worker thread");
 }
 
 void signal_fd(int fd) noexcept {
