@@ -134,14 +134,7 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
 
   KILN_TRY(cpu->map_memory(mem));
   backend_calls_at_build = cpu->stats().map_calls;
-  KILN_TRY(cpu->set_special_registers(vcpu::x86_64::long_mode_state({
-      .cr3 = tables.root.value,
-      .gdt_base = sys.gdt_base.value,
-      .gdt_limit = sys.gdt_limit,
-      .tss_base = sys.tss_base.value,
-      .tss_limit = sys.tss_limit,
-      .nx = nx,
-  })));
+  KILN_TRY(cpu->set_special_registers(vcpu::x86_64::long_mode_state(tables.root, sys, nx)));
   vcpu::registers regs;
   regs.rip = image.entry.value;
   regs.rsp = layout.stack_top.value;

@@ -359,14 +359,7 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
     // kiln's GDT, and only their 64-bit bases (the guest's thread block) come from the file.
     const auto sys = memory::x86_64::build_system_tables(
         fixed::system_tables, fixed::ist_stack.value + fixed::ist_stack_size);
-    s.sregs = vcpu::x86_64::long_mode_state({
-        .cr3 = fixed::page_tables.value,
-        .gdt_base = sys.gdt_base.value,
-        .gdt_limit = sys.gdt_limit,
-        .tss_base = sys.tss_base.value,
-        .tss_limit = sys.tss_limit,
-        .nx = s.nx,
-    });
+    s.sregs = vcpu::x86_64::long_mode_state(fixed::page_tables, sys, s.nx);
     s.sregs.fs.base = fs.base;
     s.sregs.gs.base = gs.base;
     s.sregs.idt = {idt_base, idt_limit};

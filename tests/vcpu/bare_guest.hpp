@@ -91,14 +91,7 @@ struct bare_guest {
 
     bare_guest g{std::move(mem), std::move(cpu)};
     KILN_TRY(g.cpu->map_memory(g.mem));
-    KILN_TRY(g.cpu->set_special_registers(vcpu::x86_64::long_mode_state({
-        .cr3 = tables.root.value,
-        .gdt_base = sys.gdt_base.value,
-        .gdt_limit = sys.gdt_limit,
-        .tss_base = sys.tss_base.value,
-        .tss_limit = sys.tss_limit,
-        .nx = nx,
-    })));
+    KILN_TRY(g.cpu->set_special_registers(vcpu::x86_64::long_mode_state(tables.root, sys, nx)));
     vcpu::registers r;
     r.rip = L::code.value;
     r.rsp = L::stack_top;

@@ -43,4 +43,16 @@ special_registers long_mode_state(const long_mode_params& p) {
   return s;
 }
 
+special_registers long_mode_state(memory::guest_phys_addr cr3,
+                                  const memory::x86_64::system_tables& sys, bool nx) {
+  return long_mode_state({
+      .cr3 = cr3.value,
+      .gdt_base = sys.gdt_base.value,
+      .gdt_limit = sys.gdt_limit,
+      .tss_base = sys.tss_base.value,
+      .tss_limit = sys.tss_limit,
+      .nx = nx,
+  });
+}
+
 } // namespace kiln::vcpu::x86_64

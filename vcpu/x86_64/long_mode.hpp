@@ -1,6 +1,7 @@
 // The special-register state that puts a fresh vCPU straight into 64-bit long mode.
 #pragma once
 
+#include <kiln/memory/x86_64/system_tables.hpp>
 #include <kiln/vcpu/registers.hpp>
 
 #include <cstdint>
@@ -19,5 +20,10 @@ struct long_mode_params {
 /// CR0 = PE|MP|ET|NE|WP|PG (EM clear: SSE works), CR4 = PAE|OSFXSR|OSXMMEXCPT,
 /// EFER = LME|LMA (+NXE), CS = 64-bit code 0x08, data segments 0x10, TR = the 64-bit TSS 0x18.
 special_registers long_mode_state(const long_mode_params& p);
+
+/// The same, over page tables rooted at `cr3` and the GDT and TSS that `sys` describes: what a
+/// fresh sandbox, a snapshot being loaded and a bare test guest all start from.
+special_registers long_mode_state(memory::guest_phys_addr cr3,
+                                  const memory::x86_64::system_tables& sys, bool nx);
 
 } // namespace kiln::vcpu::x86_64
