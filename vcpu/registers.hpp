@@ -2,7 +2,9 @@
 #pragma once
 
 #include <array>
+#include <cstddef>
 #include <cstdint>
+#include <string_view>
 
 namespace kiln::vcpu {
 
@@ -12,6 +14,49 @@ struct registers {
   std::uint64_t rip = 0, rflags = 0x2;
   bool operator==(const registers&) const = default;
 };
+
+/// The general registers in one fixed order, with their names: the order in which each backend
+/// copies them, the snapshot codec stores them (and must keep), and the tests walk them. KVM's
+/// `kvm_regs` lists the same eighteen in the same order.
+struct register_field {
+  std::string_view name;
+  std::uint64_t registers::*field;
+};
+inline constexpr std::array<register_field, 18> register_fields{{
+    {"rax", &registers::rax},
+    {"rbx", &registers::rbx},
+    {"rcx", &registers::rcx},
+    {"rdx", &registers::rdx},
+    {"rsi", &registers::rsi},
+    {"rdi", &registers::rdi},
+    {"rsp", &registers::rsp},
+    {"rbp", &registers::rbp},
+    {"r8", &registers::r8},
+    {"r9", &registers::r9},
+    {"r10", &registers::r10},
+    {"r11", &registers::r11},
+    {"r12", &registers::r12},
+    {"r13", &registers::r13},
+    {"r14", &registers::r14},
+    {"r15", &registers::r15},
+    {"rip", &registers::rip},
+    {"rflags", &registers::rflags},
+}};
+inline constexpr std::size_t register_count = register_fields.size();
+
+/// The registers as an array in register_fields' order, and back.
+constexpr std::array<std::uint64_t, register_count> to_array(const registers& r) noexcept {
+  std::array<std::uint64_t, register_count> a{};
+  for (std::size_t i = 0; i < register_count; ++i)
+    a[i] = r.*register_fields[i].field;
+  return a;
+}
+constexpr registers from_array(const std::array<std::uint64_t, register_count>& a) noexcept {
+  registers r;
+  for (std::size_t i = 0; i < register_count; ++i)
+    r.*register_fields[i].field = a[i];
+  return r;
+}
 
 struct segment {
   std::uint64_t base = 0;

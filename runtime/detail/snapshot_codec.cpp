@@ -136,9 +136,7 @@ std::vector<memory::snapshot_section> encode_sections(const snapshot_state& s) {
   }
   {
     writer w;
-    const auto& g = s.regs;
-    for (std::uint64_t v : {g.rax, g.rbx, g.rcx, g.rdx, g.rsi, g.rdi, g.rsp, g.rbp, g.r8, g.r9,
-                            g.r10, g.r11, g.r12, g.r13, g.r14, g.r15, g.rip, g.rflags})
+    for (std::uint64_t v : vcpu::to_array(s.regs))
       w.put(v);
     put_segment(w, s.sregs.fs);
     put_segment(w, s.sregs.gs);
@@ -319,10 +317,8 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
   { // vCPU: general registers, FS/GS base, IDT, CR2 and FPU from the file; the rest rebuilt.
     reader r(find(tag::vcpu)->payload, "vcpu");
     auto& g = s.regs;
-    for (std::uint64_t* v :
-         {&g.rax, &g.rbx, &g.rcx, &g.rdx, &g.rsi, &g.rdi, &g.rsp, &g.rbp, &g.r8, &g.r9, &g.r10,
-          &g.r11, &g.r12, &g.r13, &g.r14, &g.r15, &g.rip, &g.rflags}) {
-      KILN_TRY_ASSIGN(*v, r.get<std::uint64_t>());
+    for (const auto& f : vcpu::register_fields) {
+      KILN_TRY_ASSIGN(g.*f.field, r.get<std::uint64_t>());
     }
     vcpu::segment fs, gs;
     for (vcpu::segment* seg : {&fs, &gs}) {

@@ -289,9 +289,8 @@ TEST_F(emulated_vcpu_test, general_registers_round_trip) {
   ASSERT_NO_FATAL_FAILURE(load({0xf4}));
   vcpu::registers r;
   std::uint64_t v = 0x0101010101010101;
-  for (std::uint64_t* p : {&r.rax, &r.rbx, &r.rcx, &r.rdx, &r.rsi, &r.rdi, &r.rsp, &r.rbp, &r.r8,
-                           &r.r9, &r.r10, &r.r11, &r.r12, &r.r13, &r.r14, &r.r15})
-    *p = (v += 0x1111111111111111);
+  for (const auto& f : vcpu::register_fields)
+    r.*f.field = (v += 0x1111111111111111);
   r.rip = code + 0x123;
   r.rflags = 0x2 | 0x1 | 0x40 | 0x80 | 0x800; // CF, ZF, SF, OF
   ASSERT_TRUE(g_->cpu->set_registers(r));

@@ -40,20 +40,12 @@ struct engine {
   }
 };
 
-constexpr int gpr_ids[] = {UC_X86_REG_RAX, UC_X86_REG_RBX,   UC_X86_REG_RCX, UC_X86_REG_RDX,
-                           UC_X86_REG_RSI, UC_X86_REG_RDI,   UC_X86_REG_RSP, UC_X86_REG_RBP,
-                           UC_X86_REG_R8,  UC_X86_REG_R9,    UC_X86_REG_R10, UC_X86_REG_R11,
-                           UC_X86_REG_R12, UC_X86_REG_R13,   UC_X86_REG_R14, UC_X86_REG_R15,
-                           UC_X86_REG_RIP, UC_X86_REG_RFLAGS};
-constexpr int gpr_count = sizeof gpr_ids / sizeof gpr_ids[0];
-
-std::uint64_t* gpr_slots(registers& r, std::uint64_t* (&out)[gpr_count]) {
-  std::uint64_t* p[gpr_count] = {&r.rax, &r.rbx, &r.rcx, &r.rdx, &r.rsi, &r.rdi,
-                                 &r.rsp, &r.rbp, &r.r8,  &r.r9,  &r.r10, &r.r11,
-                                 &r.r12, &r.r13, &r.r14, &r.r15, &r.rip, &r.rflags};
-  std::memcpy(out, p, sizeof p);
-  return out[0];
-}
+// Unicorn's ids of the general registers, in register_fields' order.
+constexpr std::array<int, register_count> gpr_ids{
+    UC_X86_REG_RAX, UC_X86_REG_RBX, UC_X86_REG_RCX,   UC_X86_REG_RDX, UC_X86_REG_RSI,
+    UC_X86_REG_RDI, UC_X86_REG_RSP, UC_X86_REG_RBP,   UC_X86_REG_R8,  UC_X86_REG_R9,
+    UC_X86_REG_R10, UC_X86_REG_R11, UC_X86_REG_R12,   UC_X86_REG_R13, UC_X86_REG_R14,
+    UC_X86_REG_R15, UC_X86_REG_RIP, UC_X86_REG_RFLAGS};
 
 class emulated_vcpu final : public vcpu {
 public:
@@ -123,26 +115,24 @@ public:
   }
 
   result<registers> get_registers() override {
-    registers r;
-    std::uint64_t* slots[gpr_count];
-    gpr_slots(r, slots);
-    void* vals[gpr_count];
-    for (int i = 0; i < gpr_count; ++i)
-      vals[i] = slots[i];
-    if (uc_err e = uc_reg_read_batch(engine_.uc, const_cast<int*>(gpr_ids), vals, gpr_count);
+    std::array<std::uint64_t, register_count> values{};
+    std::array<void*, register_count> slots{};
+    for (std::size_t i = 0; i < register_count; ++i)
+      slots[i] = &values[i];
+    if (uc_err e = uc_reg_read_batch(engine_.uc, const_cast<int*>(gpr_ids.data()), slots.data(),
+                                     register_count);
         e != UC_ERR_OK)
       return uc_error(vcpu_errc::register_access, "uc_reg_read_batch", e);
-    return r;
+    return from_array(values);
   }
 
-  result<void> set_registers(const registers& in) override {
-    registers r = in;
-    std::uint64_t* slots[gpr_count];
-    gpr_slots(r, slots);
-    void* vals[gpr_count];
-    for (int i = 0; i < gpr_count; ++i)
-      vals[i] = slots[i];
-    if (uc_err e = uc_reg_write_batch(engine_.uc, const_cast<int*>(gpr_ids), vals, gpr_count);
+  result<void> set_registers(const registers& r) override {
+    auto values = to_array(r);
+    std::array<void*, register_count> slots{};
+    for (std::size_t i = 0; i < register_count; ++i)
+      slots[i] = &values[i];
+    if (uc_err e = uc_reg_write_batch(engine_.uc, const_cast<int*>(gpr_ids.data()), slots.data(),
+                                      register_count);
         e != UC_ERR_OK)
       return uc_error(vcpu_errc::register_access, "uc_reg_write_batch", e);
     return {};

@@ -2,6 +2,8 @@
 #include <kiln/vcpu/kvm/x86_64/kvm_state.hpp>
 
 #include <algorithm>
+#include <bit>
+#include <cstddef>
 #include <cstring>
 
 namespace kiln::vcpu::kvm::x86_64 {
@@ -62,50 +64,19 @@ constexpr std::uint32_t kvm_cpuid_features_leaf = 0x40000001; // KVM_CPUID_FEATU
 
 } // namespace
 
+// kvm_regs is the eighteen general registers in register_fields' order (checked here), so the
+// conversion is a copy of the array.
+static_assert(sizeof(kvm_regs) == register_count * sizeof(std::uint64_t));
+static_assert(offsetof(kvm_regs, rax) == 0 && offsetof(kvm_regs, rbp) == 7 * 8 &&
+              offsetof(kvm_regs, r8) == 8 * 8 && offsetof(kvm_regs, r15) == 15 * 8 &&
+              offsetof(kvm_regs, rip) == 16 * 8 && offsetof(kvm_regs, rflags) == 17 * 8);
+
 registers from_kvm(const kvm_regs& r) noexcept {
-  registers o;
-  o.rax = r.rax;
-  o.rbx = r.rbx;
-  o.rcx = r.rcx;
-  o.rdx = r.rdx;
-  o.rsi = r.rsi;
-  o.rdi = r.rdi;
-  o.rsp = r.rsp;
-  o.rbp = r.rbp;
-  o.r8 = r.r8;
-  o.r9 = r.r9;
-  o.r10 = r.r10;
-  o.r11 = r.r11;
-  o.r12 = r.r12;
-  o.r13 = r.r13;
-  o.r14 = r.r14;
-  o.r15 = r.r15;
-  o.rip = r.rip;
-  o.rflags = r.rflags;
-  return o;
+  return from_array(std::bit_cast<std::array<std::uint64_t, register_count>>(r));
 }
 
 kvm_regs to_kvm(const registers& r) noexcept {
-  kvm_regs o{};
-  o.rax = r.rax;
-  o.rbx = r.rbx;
-  o.rcx = r.rcx;
-  o.rdx = r.rdx;
-  o.rsi = r.rsi;
-  o.rdi = r.rdi;
-  o.rsp = r.rsp;
-  o.rbp = r.rbp;
-  o.r8 = r.r8;
-  o.r9 = r.r9;
-  o.r10 = r.r10;
-  o.r11 = r.r11;
-  o.r12 = r.r12;
-  o.r13 = r.r13;
-  o.r14 = r.r14;
-  o.r15 = r.r15;
-  o.rip = r.rip;
-  o.rflags = r.rflags;
-  return o;
+  return std::bit_cast<kvm_regs>(to_array(r));
 }
 
 special_registers from_kvm(const kvm_sregs& s) noexcept {
