@@ -249,6 +249,7 @@ run_result run_once(kiln::load_mode mode, kiln::vcpu::backend_kind kind, const s
   c.backend = kind == kiln::vcpu::backend_kind::kvm ? kiln::vcpu::backend_choice::kvm
                                                     : kiln::vcpu::backend_choice::emulated;
   c.load.mode = mode;
+  c.load.count_faults = true;
   run_result r;
   const auto t0 = clock_type::now();
   auto snap = kiln::snapshot::load(path);

@@ -69,6 +69,11 @@ struct load_options {
   /// build machine (5.2 GB/s from an evicted file; 1 MiB: 3.4 GB/s, 4 MiB: 1.7 GB/s).
   std::uint64_t chunk_bytes = 256ull << 10;
   unsigned queue_depth = 8; // reads in flight
+  /// Count the host page faults the guest takes while the load is incomplete (with demand
+  /// paging: always) into stats().load.faults. It costs two getrusage() calls around every run
+  /// of the guest, so it is off unless asked for (the CLI's load report and the lazy-load
+  /// benchmark ask).
+  bool count_faults = false;
 };
 
 struct sandbox_config {
@@ -115,8 +120,9 @@ struct load_stats {
   /// Mapped in the hardware's second-level page tables ahead of the guest, between runs, once
   /// resident (KVM_PRE_FAULT_MEMORY, KVM on Linux 6.10+; 0 elsewhere).
   std::uint64_t bytes_prefaulted = 0;
-  /// Host page faults the guest took while the load was incomplete (for demand: always), on the
-  /// threads that ran it (getrusage RUSAGE_THREAD around each run): `major` waited for the disk.
+  /// With load_options::count_faults, the host page faults the guest took while the load was
+  /// incomplete (for demand: always), on the threads that ran it (getrusage RUSAGE_THREAD around
+  /// each run): `major` waited for the disk. 0 without it.
   std::uint64_t faults = 0, major_faults = 0;
 };
 

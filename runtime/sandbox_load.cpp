@@ -119,7 +119,7 @@ void sandbox::impl::cancel_loading() noexcept {
 }
 
 void sandbox::impl::update_load_stats() {
-  if (!prefetcher) return;
+  if (!prefetcher || load_complete) return; // once complete, the figures are final
   const auto st = prefetcher->stats();
   auto& ls = stats.load;
   ls.io_uring = st.used_io_uring;
@@ -162,8 +162,7 @@ void sandbox::impl::prefault_resident() noexcept {
 }
 
 void sandbox::impl::before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept {
-  if (load_complete && stats.load.mode != load_mode::demand) return;
-  if (!stats.load.from_file) return;
+  if (!counting_faults()) return;
   struct rusage ru {};
   ::getrusage(RUSAGE_THREAD, &ru);
   faults = static_cast<std::uint64_t>(ru.ru_minflt + ru.ru_majflt);
@@ -172,13 +171,13 @@ void sandbox::impl::before_run(std::uint64_t& faults, std::uint64_t& major) cons
 
 void sandbox::impl::after_run(std::uint64_t faults, std::uint64_t major, bool call_ended) noexcept {
   auto& ls = stats.load;
-  if (ls.from_file && (!load_complete || ls.mode == load_mode::demand)) {
+  if (counting_faults()) {
     struct rusage ru {};
     ::getrusage(RUSAGE_THREAD, &ru);
     ls.faults += static_cast<std::uint64_t>(ru.ru_minflt + ru.ru_majflt) - faults;
     ls.major_faults += static_cast<std::uint64_t>(ru.ru_majflt) - major;
-    if (prefetcher) update_load_stats();
   }
+  update_load_stats();
   if (!call_ended) return;
   if (awaiting_first_result) {
     awaiting_first_result = false;

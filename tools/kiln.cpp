@@ -137,6 +137,7 @@ int cmd_run(run_options o) {
     }
     args.push_back(std::move(*v));
   }
+  cfg.load.count_faults = true; // the load report prints them
   if (o.load == "prefetch")
     cfg.load.mode = kiln::load_mode::prefetch;
   else if (o.load == "demand")

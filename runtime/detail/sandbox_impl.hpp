@@ -210,6 +210,10 @@ struct sandbox::impl {
   void record_touched_pages();
   /// Around each run of the guest: fault counting, first result, KVM recording.
   void before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept;
+  bool counting_faults() const noexcept {
+    return config.load.count_faults && stats.load.from_file &&
+           (!load_complete || stats.load.mode == load_mode::demand);
+  }
   void after_run(std::uint64_t faults, std::uint64_t major, bool call_ended) noexcept;
 
   void emit_log(std::string_view line) {

@@ -194,6 +194,7 @@ TEST_F(lazy_load_e2e,
     auto c = config_for("memory_test");
     c.load.mode = m.mode;
     c.load.use_io_uring = m.io_uring;
+    c.load.count_faults = true;
     auto sb = sandbox::create(*loaded, {}, c);
     ASSERT_TRUE(sb) << sb.err().message();
     EXPECT_EQ(as<std::uint64_t>((*sb)->call("sum_pages", heap_, 16 * mib)), 5u * 4096);
@@ -233,6 +234,14 @@ TEST_F(lazy_load_e2e,
       }
     }
   }
+  // Fault counting costs two getrusage() per run, so it is only done when asked for.
+  evict(file);
+  auto c = config_for("memory_test");
+  c.load.mode = load_mode::demand;
+  auto sb = sandbox::create(*loaded, {}, c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  EXPECT_EQ(as<std::uint64_t>((*sb)->call("sum_pages", heap_, 16 * mib)), 5u * 4096);
+  EXPECT_EQ((*sb)->stats().load.faults, 0u) << "counted without count_faults";
 }
 
 // Issue 6, item 4: a guest writing pages while the prefetch runs over them ends with its own
