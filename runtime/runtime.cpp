@@ -2,6 +2,7 @@
 // kicks, and the per-sandbox call queue that runs guests inline on their worker.
 #include <kiln/runtime/detail/sandbox_impl.hpp>
 #include <kiln/runtime/runtime.hpp>
+#include <kiln/support/seqlock.hpp>
 
 #include <boost/asio/associated_cancellation_slot.hpp>
 #include <boost/asio/associated_executor.hpp>
@@ -15,6 +16,7 @@
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <array>
 #include <atomic>
 #include <deque>
 #include <functional>
@@ -52,26 +54,35 @@ struct worker {
   std::thread thread;
   unsigned index = 0;
   std::atomic<std::size_t> sandboxes{0};
-  // The sandbox whose guest runs on this worker now, for the service thread's slice check.
-  std::mutex running_mu;
-  std::shared_ptr<sandbox_core> running;
-  clock_type::time_point slice_start;
+  // The sandbox whose guest runs on this worker now, for the service thread's slice check,
+  // without a lock: one hazard slot. The service thread raises `checking` before it reads
+  // `running` and lowers it once it is done with that sandbox; the worker, after it clears
+  // `running`, waits while `checking` is raised. All seq_cst, so either the check saw the slot
+  // cleared, or the worker sees `checking` and waits for the check to let go: a sandbox that
+  // stops running is never touched by a check afterwards, and may then be destroyed.
+  std::atomic<sandbox_core*> running{nullptr};
+  std::atomic<clock_type::rep> slice_start{0}; // written before `running` is set
+  std::atomic<bool> checking{false};
 };
 
 } // namespace
 
-// One call, from submission to completion. Fields marked (W) are touched on the sandbox's
-// worker only; the atomics may be touched from any thread.
+// One queued entry, a guest call or a sandbox operation, from submission to completion. Fields
+// marked (W) are touched on the sandbox's worker only; the atomics may be touched from any
+// thread.
 struct call_op {
   // Built with its handler: any_completion_handler's move assignment recurses forever in
   // Boost 1.81 (it re-wraps itself), so it is only ever move-constructed.
   explicit call_op(call_handler h) : handler(std::move(h)) {}
-  std::string name;
-  std::vector<value> args;
-  /// Set for a sandbox operation other than a guest call (map a file...): run on the worker in
-  /// queue order, between guest calls, instead of begin_call().
-  std::function<result<value>(sandbox&)> action;
-  call_handler handler;             // (W) until completion
+  call_op(op_kind k, op_handler h, std::function<result<void>(sandbox&)> b)
+      : kind(k), body(std::move(b)), op_done(std::move(h)) {}
+  op_kind kind = op_kind::call;
+  std::string name;        // calls: the guest function
+  std::vector<value> args; // calls
+  /// Operations (map a file...): run on the worker in queue order, between guest calls.
+  std::function<result<void>(sandbox&)> body;
+  call_handler handler;             // (W) until completion: a call's
+  op_handler op_done;               // (W) until completion: an operation's
   asio::any_completion_executor ex; // the handler's executor, with outstanding work tracked
   asio::cancellation_slot slot;
   std::atomic<std::uint64_t> gen{0};            // set when the call starts in the guest
@@ -92,8 +103,11 @@ struct runtime_impl : std::enable_shared_from_this<runtime_impl> {
   asio::steady_timer slice_timer{service};
   std::atomic<bool> stopping{false};
   std::mutex cores_mu;
-  std::vector<std::weak_ptr<sandbox_core>> cores; // for stop()
-  std::atomic<std::uint64_t> calls{0}, operations{0}, preemptions{0}, stale_kicks{0}, alive{0};
+  std::vector<std::weak_ptr<sandbox_core>> cores;        // for stop()
+  std::array<std::atomic<std::uint64_t>, 5> completed{}; // by op_kind
+  std::atomic<std::uint64_t> preemptions{0}, stale_kicks{0}, alive{0};
+
+  void count(op_kind k) noexcept { completed[static_cast<std::size_t>(k)].fetch_add(1); }
 
   void start();
   void tick_slices();
@@ -112,12 +126,13 @@ struct sandbox_core : std::enable_shared_from_this<sandbox_core> {
   std::atomic<std::uint64_t> running_gen{0};   // gen of the call whose guest runs now
   std::atomic<std::uint64_t> kick_request{0};  // (gen << 8) | stop_reason bits
   std::mutex kick_mu;                          // kicks vs destruction of the sandbox
-  // Snapshots readable from any thread.
+  // Readable from any thread. The stats are published after every call without a lock; the
+  // errors, which change only when a call fails or a restore heals, under info_mu.
+  seqlock<sandbox_stats> stats;
+  std::atomic<bool> poisoned{false};
   mutable std::mutex info_mu;
-  error last_error;
-  bool poisoned = false;
-  error poison;
-  sandbox_stats stats;
+  error last_error; // under info_mu
+  error poison;     // under info_mu
   vcpu::backend_kind backend{};
 
   asio::io_context::executor_type executor() const { return w->ctx.get_executor(); }
@@ -151,11 +166,16 @@ void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value 
   // Moved out, so that an op kept alive elsewhere (by a held host reply) tracks no work on the
   // handler's executor any more.
   auto h = std::move(op.handler);
+  auto oh = std::move(op.op_done);
   auto ex = std::move(op.ex);
   // The slot is cleared on the handler's executor, where Asio lets cancellation be emitted.
-  auto finish = [h = std::move(h), slot = op.slot, ec, v = std::move(v)]() mutable {
+  auto finish = [h = std::move(h), oh = std::move(oh), slot = op.slot, ec,
+                 v = std::move(v)]() mutable {
     slot.clear();
-    std::move(h)(ec, std::move(v));
+    if (h)
+      std::move(h)(ec, std::move(v));
+    else
+      std::move(oh)(ec);
   };
   if (immediate) { // any_completion_executor cannot post: hop through the system executor
     asio::post(asio::system_executor(),
@@ -169,11 +189,12 @@ void complete_call(const std::shared_ptr<call_op>& op_ptr, error_code ec, value 
 } // namespace
 
 void sandbox_core::publish() {
-  std::lock_guard lock(info_mu);
-  if (sb) {
-    poisoned = sb->poisoned();
-    poison = sb->poison_reason();
-    stats = sb->stats();
+  if (!sb) return;
+  stats.store(sb->stats());
+  if (const bool p = sb->poisoned(); p != poisoned.load(std::memory_order_relaxed)) {
+    std::lock_guard lock(info_mu);
+    poison = p ? sb->poison_reason() : error{};
+    poisoned.store(p);
   }
 }
 
@@ -206,7 +227,7 @@ void sandbox_core::on_stop_request(const std::shared_ptr<call_op>& op) {
   queue.erase(it);
   op->done = true;
   const unsigned r = op->stop.load();
-  (op->action ? rt->operations : rt->calls).fetch_add(1);
+  rt->count(op->kind);
   complete_call(op,
                 r == deadline ? error_code(std::error_code(errc::deadline_exceeded))
                               : error_code(asio::error::operation_aborted),
@@ -232,7 +253,7 @@ void sandbox_core::enqueue(std::shared_ptr<call_op> op) {
 
 void sandbox_core::pump() {
   while (!current && !queue.empty()) {
-    auto op = queue.front();
+    auto op = std::move(queue.front());
     queue.pop_front();
     current = op;
     if (rt->stopping.load()) op->stop.store(shutdown);
@@ -243,10 +264,9 @@ void sandbox_core::pump() {
              value{}, nullptr);
       continue;
     }
-    if (op->action) {
-      auto r = op->action(*sb);
-      if (r)
-        finish(op, error_code{}, std::move(*r), nullptr);
+    if (op->kind != op_kind::call) {
+      if (auto r = op->body(*sb); r)
+        finish(op, error_code{}, value{}, nullptr);
       else
         finish(op, to_error_code(r.err()), value{}, &r.err());
       continue;
@@ -272,16 +292,12 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
       running_gen.store(0);
       return stop_started(op, r);
     }
-    {
-      std::lock_guard lock(w->running_mu);
-      w->running = shared_from_this();
-      w->slice_start = clock_type::now();
-    }
+    w->slice_start.store(clock_type::now().time_since_epoch().count(), std::memory_order_relaxed);
+    w->running.store(this);
     sandbox::run_state st = sb->resume();
-    {
-      std::lock_guard lock(w->running_mu);
-      w->running.reset();
-    }
+    w->running.store(nullptr);
+    while (w->checking.load()) // a slice check holds this sandbox: at most one kick long
+      std::this_thread::yield();
     running_gen.store(0);
     switch (st.kind) {
     case sandbox::run_state::done:
@@ -357,13 +373,13 @@ void sandbox_core::finish(const std::shared_ptr<call_op>& op, error_code ec, val
   op->done = true;
   op->parked = false;
   if (current == op) current.reset();
-  if (detail) {
+  if (detail) { // errors are rare: their strings are copied under the lock only here
     std::lock_guard lock(info_mu);
     last_error = *detail;
   }
   publish();
   // Before completing, so a caller that saw the result sees the count.
-  (op->action ? rt->operations : rt->calls).fetch_add(1);
+  rt->count(op->kind);
   complete_call(op, ec, std::move(v));
   if (!current && !queue.empty())
     asio::post(executor(), [self = shared_from_this()] { self->pump(); });
@@ -422,14 +438,14 @@ void runtime_impl::tick_slices() {
   if (stopping.load()) return;
   const auto now = clock_type::now();
   for (auto& w : workers) {
-    std::shared_ptr<sandbox_core> victim;
-    {
-      std::lock_guard lock(w->running_mu);
-      if (w->running && now - w->slice_start >= options.time_slice) victim = w->running;
+    w->checking.store(true);
+    if (sandbox_core* victim = w->running.load()) {
+      const clock_type::time_point started(
+          clock_type::duration(w->slice_start.load(std::memory_order_relaxed)));
+      if (now - started >= options.time_slice)
+        if (const std::uint64_t g = victim->running_gen.load()) victim->request_kick(g, preempt);
     }
-    if (victim) {
-      if (const std::uint64_t g = victim->running_gen.load()) victim->request_kick(g, preempt);
-    }
+    w->checking.store(false);
   }
   slice_timer.expires_after(
       std::max<std::chrono::microseconds>(options.time_slice / 2, std::chrono::microseconds(200)));
@@ -510,21 +526,44 @@ void start_create_from(const std::shared_ptr<runtime_impl>& rt, snapshot snap,
                    });
 }
 
+namespace {
+
+// Takes the executor (with outstanding work tracked) and the cancellation slot of a queued
+// entry's handler.
+template <class Handler>
+void bind_handler(call_op& op, const Handler& handler, const std::shared_ptr<sandbox_core>& core) {
+  op.slot = asio::get_associated_cancellation_slot(handler);
+  op.ex = core ? asio::prefer(asio::get_associated_executor(handler, core->executor()),
+                              asio::execution::outstanding_work.tracked)
+               : asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),
+                              asio::execution::outstanding_work.tracked);
+}
+
+void submit(const std::shared_ptr<sandbox_core>& core, std::shared_ptr<call_op> op,
+            call_options options);
+
+} // namespace
+
 void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
-                std::vector<value> args, call_options options, call_handler handler,
-                std::function<result<value>(sandbox&)> action) {
-  auto slot = asio::get_associated_cancellation_slot(handler);
-  asio::any_completion_executor ex =
-      core ? asio::prefer(asio::get_associated_executor(handler, core->executor()),
-                          asio::execution::outstanding_work.tracked)
-           : asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),
-                          asio::execution::outstanding_work.tracked);
+                std::vector<value> args, call_options options, call_handler handler) {
   auto op = std::make_shared<call_op>(std::move(handler));
+  bind_handler(*op, op->handler, core);
   op->name = std::move(name);
   op->args = std::move(args);
-  op->action = std::move(action);
-  op->slot = slot;
-  op->ex = std::move(ex);
+  submit(core, std::move(op), options);
+}
+
+void start_operation(const std::shared_ptr<sandbox_core>& core, op_kind kind, op_handler handler,
+                     std::function<result<void>(sandbox&)> body) {
+  auto op = std::make_shared<call_op>(kind, std::move(handler), std::move(body));
+  bind_handler(*op, op->op_done, core);
+  submit(core, std::move(op), {});
+}
+
+namespace {
+
+void submit(const std::shared_ptr<sandbox_core>& core, std::shared_ptr<call_op> op,
+            call_options options) {
   if (!core) {
     op->done = true;
     return complete_call(op, asio::error::bad_descriptor, value{}, /*immediate=*/true);
@@ -556,6 +595,8 @@ void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
   asio::post(core->executor(),
              [core, op = std::move(op)]() mutable { core->enqueue(std::move(op)); });
 }
+
+} // namespace
 
 void start_destroy(const std::shared_ptr<sandbox_core>& core, destroy_handler handler) {
   if (!core) {
@@ -594,9 +635,7 @@ error async_sandbox::last_error() const {
 }
 
 bool async_sandbox::poisoned() const {
-  if (!core_) return false;
-  std::lock_guard lock(core_->info_mu);
-  return core_->poisoned;
+  return core_ && core_->poisoned.load();
 }
 
 error async_sandbox::poison_reason() const {
@@ -606,9 +645,7 @@ error async_sandbox::poison_reason() const {
 }
 
 sandbox_stats async_sandbox::stats() const {
-  if (!core_) return {};
-  std::lock_guard lock(core_->info_mu);
-  return core_->stats;
+  return core_ ? core_->stats.load() : sandbox_stats{};
 }
 
 vcpu::backend_kind async_sandbox::backend() const {
@@ -681,8 +718,14 @@ unsigned runtime::worker_count() const noexcept {
 runtime_stats runtime::stats() const noexcept {
   runtime_stats s;
   s.sandboxes = impl_->alive.load();
-  s.calls = impl_->calls.load();
-  s.operations = impl_->operations.load();
+  auto completed = [&](detail::op_kind k) {
+    return impl_->completed[static_cast<std::size_t>(k)].load();
+  };
+  s.calls = completed(detail::op_kind::call);
+  s.maps = completed(detail::op_kind::map_file);
+  s.unmaps = completed(detail::op_kind::unmap_file);
+  s.snapshots = completed(detail::op_kind::snapshot);
+  s.restores = completed(detail::op_kind::restore);
   s.preemptions = impl_->preemptions.load();
   s.stale_kicks = impl_->stale_kicks.load();
   return s;

@@ -31,7 +31,6 @@
 #include <functional>
 #include <memory>
 #include <string>
-#include <type_traits>
 #include <vector>
 
 namespace kiln {
@@ -53,9 +52,10 @@ struct call_options {
 };
 
 struct runtime_stats {
-  std::uint64_t sandboxes = 0;   // alive now
-  std::uint64_t calls = 0;       // guest calls completed, successfully or not
-  std::uint64_t operations = 0;  // map/unmap file, snapshot, restore: queued with the calls
+  std::uint64_t sandboxes = 0; // alive now
+  std::uint64_t calls = 0;     // guest calls completed, successfully or not
+  // Sandbox operations completed, successfully or not; each is queued in order with the calls.
+  std::uint64_t maps = 0, unmaps = 0, snapshots = 0, restores = 0;
   std::uint64_t preemptions = 0; // time slices that ended with a kick
   std::uint64_t stale_kicks = 0; // kicks that arrived after their call had finished
 };
@@ -65,32 +65,36 @@ struct runtime_impl;
 struct sandbox_core;
 using call_handler = boost::asio::any_completion_handler<void(error_code, value)>;
 using destroy_handler = boost::asio::any_completion_handler<void(error_code)>;
+/// What a queued entry is: a guest call, or one of the sandbox operations that run on the
+/// worker in queue order between calls.
+enum class op_kind : std::uint8_t { call, map_file, unmap_file, snapshot, restore };
+/// An operation's completion, before its result is attached (see deliver_as).
+using op_handler = boost::asio::any_completion_handler<void(error_code)>;
 } // namespace detail
 
 class async_sandbox;
 
 namespace detail {
-/// Adapts a handler of void(error_code, T) (or void(error_code) for T = void) to the queue's
-/// void(error_code, value), keeping its associated executor and cancellation slot; a T result
-/// is taken from `result`, which the queued action filled.
+/// Adapts an operation's handler of void(error_code, T) to the queue's void(error_code), keeping
+/// its associated executor and cancellation slot; the T comes from `result`, which the
+/// operation's body filled on success.
 template <class T, class Handler>
-auto forward_as(Handler handler, std::shared_ptr<T> result = nullptr) {
+op_handler deliver_as(Handler handler, std::shared_ptr<T> result) {
   auto ex = boost::asio::get_associated_executor(handler);
   auto slot = boost::asio::get_associated_cancellation_slot(handler);
-  return boost::asio::bind_cancellation_slot(
-      slot, boost::asio::bind_executor(
-                ex, [h = std::move(handler), result](error_code ec, value) mutable {
-                  if constexpr (std::is_void_v<T>)
-                    std::move(h)(ec);
-                  else
-                    std::move(h)(ec, ec ? T{} : std::move(*result));
-                }));
+  return op_handler(boost::asio::bind_cancellation_slot(
+      slot, boost::asio::bind_executor(ex, [h = std::move(handler), result](error_code ec) mutable {
+        std::move(h)(ec, ec ? T{} : std::move(*result));
+      })));
 }
 
 using create_handler = boost::asio::any_completion_handler<void(error_code, async_sandbox)>;
 void start_call(const std::shared_ptr<sandbox_core>& core, std::string name,
-                std::vector<value> args, call_options options, call_handler handler,
-                std::function<result<value>(sandbox&)> action = {});
+                std::vector<value> args, call_options options, call_handler handler);
+/// Queues `body` to run on the sandbox's worker, in order with the calls, and completes
+/// `handler` with its error (or none).
+void start_operation(const std::shared_ptr<sandbox_core>& core, op_kind kind, op_handler handler,
+                     std::function<result<void>(sandbox&)> body);
 void start_destroy(const std::shared_ptr<sandbox_core>& core, destroy_handler handler);
 void start_create(const std::shared_ptr<runtime_impl>& rt, sandbox_config config,
                   host_functions functions, create_handler handler);
@@ -141,31 +145,31 @@ public:
 
   /// Maps a host file read-only into the sandbox (as sandbox::map_file), on its worker and in
   /// order with the calls queued before it, so the guest sees it from the next call on.
-  /// Completion: void(error_code, kiln::value) with the guest address (u64). Errors as
-  /// sandbox::map_file, plus those of async_call for a queue that is full or a sandbox that is
-  /// gone. Cancellation before it runs completes it with operation_aborted.
+  /// Completion: void(error_code, kiln::mapped_file_info). Errors as sandbox::map_file, plus
+  /// errc::queue_full for a full queue and bad_descriptor for a sandbox that is gone.
+  /// Cancellation before it runs completes it with operation_aborted.
   template <class Token> auto async_map_file(file_mapping file, Token&& token) const {
-    return boost::asio::async_initiate<Token, void(error_code, value)>(
+    return boost::asio::async_initiate<Token, void(error_code, mapped_file_info)>(
         [core = core_](auto handler, file_mapping f) {
-          detail::start_call(core, "map_file", {}, {}, detail::call_handler(std::move(handler)),
-                             [f = std::move(f)](sandbox& sb) -> result<value> {
-                               KILN_TRY_ASSIGN(auto info, sb.map_file(f));
-                               return value{info.guest_address};
-                             });
+          auto info = std::make_shared<mapped_file_info>();
+          detail::start_operation(core, detail::op_kind::map_file,
+                                  detail::deliver_as(std::move(handler), info),
+                                  [f = std::move(f), info](sandbox& sb) -> result<void> {
+                                    KILN_TRY_ASSIGN(*info, sb.map_file(f));
+                                    return {};
+                                  });
         },
         token, std::move(file));
   }
 
   /// Unmaps the file mapped under `name`, in order with the calls queued before it.
-  /// Completion: void(error_code, kiln::value) (VOID).
+  /// Completion: void(error_code).
   template <class Token> auto async_unmap_file(std::string name, Token&& token) const {
-    return boost::asio::async_initiate<Token, void(error_code, value)>(
+    return boost::asio::async_initiate<Token, void(error_code)>(
         [core = core_](auto handler, std::string n) {
-          detail::start_call(core, "unmap_file", {}, {}, detail::call_handler(std::move(handler)),
-                             [n = std::move(n)](sandbox& sb) -> result<value> {
-                               KILN_TRY(sb.unmap_file(n));
-                               return value{};
-                             });
+          detail::start_operation(core, detail::op_kind::unmap_file,
+                                  detail::op_handler(std::move(handler)),
+                                  [n = std::move(n)](sandbox& sb) { return sb.unmap_file(n); });
         },
         token, std::move(name));
   }
@@ -176,13 +180,12 @@ public:
     return boost::asio::async_initiate<Token, void(error_code, snapshot)>(
         [core = core_](auto handler) {
           auto taken = std::make_shared<snapshot>();
-          detail::start_call(
-              core, "snapshot", {}, {},
-              detail::call_handler(detail::forward_as<snapshot>(std::move(handler), taken)),
-              [taken](sandbox& sb) -> result<value> {
-                KILN_TRY_ASSIGN(*taken, sb.take_snapshot());
-                return value{};
-              });
+          detail::start_operation(core, detail::op_kind::snapshot,
+                                  detail::deliver_as(std::move(handler), taken),
+                                  [taken](sandbox& sb) -> result<void> {
+                                    KILN_TRY_ASSIGN(*taken, sb.take_snapshot());
+                                    return {};
+                                  });
         },
         token);
   }
@@ -192,12 +195,9 @@ public:
   template <class Token> auto async_restore(snapshot snap, Token&& token) const {
     return boost::asio::async_initiate<Token, void(error_code)>(
         [core = core_](auto handler, snapshot sn) {
-          detail::start_call(core, "restore", {}, {},
-                             detail::call_handler(detail::forward_as<void>(std::move(handler))),
-                             [sn = std::move(sn)](sandbox& sb) -> result<value> {
-                               KILN_TRY(sb.restore(sn));
-                               return value{};
-                             });
+          detail::start_operation(core, detail::op_kind::restore,
+                                  detail::op_handler(std::move(handler)),
+                                  [sn = std::move(sn)](sandbox& sb) { return sb.restore(sn); });
         },
         token, std::move(snap));
   }

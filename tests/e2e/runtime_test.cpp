@@ -65,7 +65,11 @@ TEST_F(runtime_test, files_are_mapped_and_unmapped_in_order_with_calls) {
   auto mapped = sb.async_map_file({path, "data", 0}, asio::use_future);
   auto sum = sb.async_call("file_sum", {value{std::string("data")}}, asio::use_future);
   EXPECT_EQ(std::get<std::int64_t>(before.get()), -1);
-  EXPECT_NE(std::get<std::uint64_t>(mapped.get()), 0u);
+  const mapped_file_info info = mapped.get();
+  EXPECT_EQ(info.name, "data");
+  EXPECT_EQ(info.path, path);
+  EXPECT_EQ(info.size, 3u);
+  EXPECT_NE(info.guest_address, 0u);
   EXPECT_EQ(std::get<std::uint64_t>(sum.get()), 18u);
   EXPECT_EQ(sb.stats().memory.files_mapped, 1u);
   // Errors come back typed; the sandbox is unharmed.
@@ -81,6 +85,10 @@ TEST_F(runtime_test, files_are_mapped_and_unmapped_in_order_with_calls) {
                 sb.async_call("file_size", {value{std::string("data")}}, asio::use_future).get()),
             -1);
   EXPECT_FALSE(sb.poisoned());
+  // Counted apart from the calls: three calls, two maps (one refused), one unmap.
+  EXPECT_EQ(rt.stats().calls, 3u);
+  EXPECT_EQ(rt.stats().maps, 2u);
+  EXPECT_EQ(rt.stats().unmaps, 1u);
   std::filesystem::remove_all(dir);
 }
 
@@ -113,7 +121,9 @@ TEST_F(runtime_test, snapshot_and_restore_run_in_order_with_calls) {
   EXPECT_EQ(sb.stats().restores, 1u);
   // Four guest calls (the failed one included); the snapshot and the restore count apart.
   EXPECT_EQ(rt.stats().calls, 4u);
-  EXPECT_EQ(rt.stats().operations, 2u);
+  EXPECT_EQ(rt.stats().snapshots, 1u);
+  EXPECT_EQ(rt.stats().restores, 1u);
+  EXPECT_EQ(rt.stats().maps + rt.stats().unmaps, 0u);
 }
 
 TEST_F(runtime_test, future_style_reports_errors_as_system_error) {
@@ -318,6 +328,28 @@ TEST_F(runtime_test, cancelling_a_queued_call_does_not_poison) {
   });
   EXPECT_EQ(p.get_future().get(), asio::error::operation_aborted);
   EXPECT_THROW(spin.get(), boost::system::system_error);
+}
+
+// Operations have typed completions and are cancelled like calls while they wait in the queue.
+TEST_F(runtime_test, a_queued_operation_is_cancelled_with_its_typed_handler) {
+  runtime rt({.workers = 1});
+  auto sb = create(rt, "faults");
+  ASSERT_TRUE(sb);
+  auto spin = sb.async_call("spin", {}, call_options{.timeout = 200ms}, asio::use_future);
+  asio::cancellation_signal sig;
+  std::promise<std::pair<error_code, bool>> p;
+  asio::post(sb.get_executor(), [&] {
+    sb.async_snapshot(asio::bind_cancellation_slot(sig.slot(), [&](error_code ec, snapshot s) {
+      p.set_value({ec, static_cast<bool>(s)});
+    }));
+    sig.emit(asio::cancellation_type::terminal); // still queued behind the spinning call
+  });
+  auto [ec, taken] = p.get_future().get();
+  EXPECT_EQ(ec, asio::error::operation_aborted);
+  EXPECT_FALSE(taken) << "a cancelled snapshot hands back an empty snapshot";
+  EXPECT_THROW(spin.get(), boost::system::system_error);
+  EXPECT_EQ(rt.stats().snapshots, 1u);
+  EXPECT_EQ(rt.stats().calls, 1u);
 }
 
 TEST_F(runtime_test, time_slicing_lets_a_neighbour_run) {
