@@ -1,13 +1,10 @@
 // Host functions a guest may call: registered by name with a signature deduced from C++ types.
+// Asio-free: coroutine host functions are completed by <kiln/runtime/awaitable_host.hpp>.
 #pragma once
 
 #include <kiln/guest/abi.h>
 #include <kiln/runtime/value.hpp>
 #include <kiln/support/result.hpp>
-
-#include <boost/asio/any_io_executor.hpp>
-#include <boost/asio/awaitable.hpp>
-#include <boost/asio/co_spawn.hpp>
 
 #include <atomic>
 #include <exception>
@@ -35,6 +32,10 @@ struct host_call_outcome {
 /// Delivers an asynchronous host function's outcome. Call it exactly once, from any thread.
 using host_completion = std::function<void(host_call_outcome)>;
 
+/// Where an asynchronous host function was called from: the worker of the sandbox whose guest
+/// called it. Defined, with the worker's executor, in <kiln/runtime/awaitable_host.hpp>.
+class host_context;
+
 /// A registered host function: name, signature and a type-erased body that receives arguments
 /// already checked against the signature. Exactly one of `body` (synchronous: runs on the
 /// sandbox's thread while the guest waits) and `async_body` is set.
@@ -44,10 +45,9 @@ struct host_function {
   kiln_type returns = KILN_TYPE_VOID;
   std::function<result<value>(std::span<const value>)> body;
   /// Asynchronous form: starts the work and returns; `done` is called later, from any thread.
-  /// `ex` is the executor of the sandbox's worker (where an awaitable body is spawned). The
-  /// sandbox is parked meanwhile and its worker serves others. Only kiln::runtime calls these.
-  std::function<void(std::vector<value> args, boost::asio::any_io_executor ex,
-                     host_completion done)>
+  /// `where` names the sandbox's worker (where an awaitable body is spawned). The sandbox is
+  /// parked meanwhile and its worker serves others. Only kiln::runtime calls these.
+  std::function<void(std::vector<value> args, const host_context& where, host_completion done)>
       async_body;
   bool is_async() const noexcept { return static_cast<bool>(async_body); }
 };
@@ -111,10 +111,10 @@ template <class T> struct unwrap_result<result<T>> {
   static constexpr bool is_result = true;
 };
 
-template <class T> struct unwrap_awaitable;
-template <class T, class E> struct unwrap_awaitable<boost::asio::awaitable<T, E>> {
-  using type = T;
-};
+/// The async_body of a coroutine host function F(A...) returning the awaitable Aw, with its
+/// `result_type`. Defined in <kiln/runtime/awaitable_host.hpp> (which kiln/runtime/runtime.hpp
+/// includes): host_functions::add_awaitable needs it complete.
+template <class F, class Aw, class... A> struct awaitable_body;
 template <class Sig> struct signature;
 template <class R, class... A> struct signature<R(A...)> {
   using ret = R;
@@ -155,13 +155,13 @@ public:
 
   /// Registers a coroutine host function: `f(args...)` returns boost::asio::awaitable<R>; it is
   /// spawned on the sandbox's worker, which serves others while it is suspended. An exception
-  /// reaches the guest as KILN_STATUS_HOST_ERROR.
+  /// reaches the guest as KILN_STATUS_HOST_ERROR. Needs <kiln/runtime/awaitable_host.hpp>
+  /// (included by kiln/runtime/runtime.hpp).
   template <class F> host_functions& add_awaitable(std::string name, F f) {
     using traits = detail::callable_traits<std::decay_t<F>>;
-    using R = typename detail::unwrap_awaitable<typename traits::ret>::type;
     return add_awaitable_typed(std::move(name), std::move(f),
                                static_cast<typename traits::args*>(nullptr),
-                               static_cast<R*>(nullptr));
+                               static_cast<typename traits::ret*>(nullptr));
   }
 
   /// Registers a function with an explicit signature and a type-erased body.
@@ -223,7 +223,7 @@ private:
     h.name = name;
     h.params = {wire_type<A>::value...};
     h.returns = wire_type<R>::value;
-    h.async_body = [f = std::move(f)](std::vector<value> args, boost::asio::any_io_executor,
+    h.async_body = [f = std::move(f)](std::vector<value> args, const host_context&,
                                       host_completion done) {
       host_reply<R> reply(std::move(done));
       try {
@@ -244,43 +244,15 @@ private:
     f(std::move(std::get<A>(args[I]))..., reply);
   }
 
-  template <class F, class... A, class R>
-  host_functions& add_awaitable_typed(std::string name, F f, std::tuple<A...>*, R*) {
+  template <class F, class... A, class Aw>
+  host_functions& add_awaitable_typed(std::string name, F f, std::tuple<A...>*, Aw*) {
+    using body = detail::awaitable_body<F, Aw, A...>;
     host_function h;
     h.name = name;
     h.params = {wire_type<A>::value...};
-    h.returns = wire_type<R>::value;
-    h.async_body = [f = std::move(f)](std::vector<value> args, boost::asio::any_io_executor ex,
-                                      host_completion done) {
-      auto co = [](F fn, std::vector<value> a) -> boost::asio::awaitable<R> {
-        co_return co_await std::apply(
-            [&](auto&&... v) { return fn(std::move(v)...); },
-            take_args(a, std::index_sequence_for<A...>{}, static_cast<std::tuple<A...>*>(nullptr)));
-      };
-      boost::asio::co_spawn(ex, co(f, std::move(args)), [done](std::exception_ptr e, auto... r) {
-        host_call_outcome o;
-        if (e) {
-          o.status = KILN_STATUS_HOST_ERROR;
-          try {
-            std::rethrow_exception(e);
-          } catch (const std::exception& x) {
-            o.message = std::string("host function threw: ") + x.what();
-          } catch (...) {
-            o.message = "host function threw a non-standard exception";
-          }
-        } else if constexpr (sizeof...(r) == 1) {
-          o.result = value{std::move(r)...};
-        }
-        done(std::move(o));
-      });
-    };
+    h.returns = wire_type<typename body::result_type>::value;
+    h.async_body = body{std::move(f)};
     return add_raw(std::move(h));
-  }
-
-  template <std::size_t... I, class... A>
-  static std::tuple<A...> take_args(std::vector<value>& a, std::index_sequence<I...>,
-                                    std::tuple<A...>*) {
-    return std::tuple<A...>(std::move(std::get<A>(a[I]))...);
   }
 
   std::map<std::string, host_function, std::less<>> functions_;

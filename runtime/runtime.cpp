@@ -335,7 +335,7 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
         });
       };
       try {
-        fn->async_body(std::move(st.host.args), asio::any_io_executor(ex), done);
+        fn->async_body(std::move(st.host.args), host_context(asio::any_io_executor(ex)), done);
       } catch (const std::exception& e) {
         done({KILN_STATUS_HOST_ERROR, value{}, std::string("host function threw: ") + e.what()});
       } catch (...) {

@@ -15,6 +15,7 @@
 //   the handler's cancellation slot is honoured (see async_call).
 #pragma once
 
+#include <kiln/runtime/awaitable_host.hpp>
 #include <kiln/runtime/sandbox.hpp>
 
 #include <boost/asio/any_completion_handler.hpp>
