@@ -1,8 +1,9 @@
 // Benchmark: sandbox create time and call round trip per backend, each beside a raw baseline
 // (no kiln code) measured in the same run, printed with the ratio.
+#include "baselines/emulated_baseline.hpp"
+#include "baselines/kvm_baseline.hpp"
+
 #include <kiln/runtime/sandbox.hpp>
-#include <kiln/vcpu/emulated/emulated_baseline.hpp>
-#include <kiln/vcpu/kvm/kvm_baseline.hpp>
 
 #include <fmt/format.h>
 

@@ -47,7 +47,7 @@ function(_kiln_guest_compile_settings target musl)
   target_compile_options(${target} PRIVATE ${KILN_GUEST_C_FLAGS} ${system_includes}
     $<$<BOOL:${KILN_WERROR}>:-Werror>)
   target_include_directories(${target} PRIVATE
-    ${CMAKE_BINARY_DIR}/include ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../guest/lib)
+    ${PROJECT_BINARY_DIR}/layers/guest ${CMAKE_CURRENT_FUNCTION_LIST_DIR}/../guest/lib)
   set_target_properties(${target} PROPERTIES
     C_STANDARD 11 C_STANDARD_REQUIRED ON C_EXTENSIONS ON
     POSITION_INDEPENDENT_CODE OFF INTERPROCEDURAL_OPTIMIZATION OFF)

@@ -38,8 +38,8 @@ namespace kiln::memory {
 ///                     |            u32 parent meta CRC, u64 length, path: the file    |
 ///                     |            this one lies over (relative paths are from this   |
 ///                     |            file's directory); header.parent_id is its id      |
-///                     |   others:  opaque to this layer (vCPU state, regions, files,  |
-///                     |            host functions, working set...), kept as bytes     |
+///                     |   others:  opaque to this layer (the state of the layers      |
+///                     |            above it, with their own tags), kept as bytes      |
 ///                     | u32 CRC32C of all section bytes                               |
 ///   data_offset       +---------------------------------------------------------------+
 ///   (page-aligned)    | guest RAM: guest-physical byte g at data_offset + g, for g    |
@@ -51,8 +51,9 @@ namespace kiln::memory {
 /// Versioning: a reader accepts its own major version and any minor version up to its own;
 /// a newer major or minor is refused (snapshot_unsupported) rather than half-read. The version
 /// fields are checked before the header checksum, so a newer format is reported as such.
-/// 1.0: the first format. 1.1: adds PARENT (layered files) and WORKING_SET; a 1.0 reader
-/// would ignore PARENT and see only a child's own pages, hence the minor bump.
+/// 1.0: the first format. 1.1: adds PARENT (layered files), and the runtime adds an opaque
+/// section (the working set); a 1.0 reader would ignore PARENT and see only a child's own pages,
+/// hence the minor bump.
 ///
 /// A chain (a file, its parent, the parent's parent...) is at most max_chain files deep; each
 /// parent must carry the id, header CRC and meta CRC its child recorded, and the same memory
@@ -71,19 +72,12 @@ inline constexpr std::uint64_t max_extents = 1u << 20;
 inline constexpr std::size_t max_chain = snapshot_image::max_depth;
 inline constexpr std::uint64_t max_parent_path = 4096;
 
+/// A section's tag. This layer's own are named here; it reserves every tag up to `parent`, and
+/// any other value is an opaque section's, named by the code that writes and reads it.
 enum class tag : std::uint32_t {
   extents = 1,
   chunks = 2,
   parent = 3,
-  // Opaque to memory/ (written and read by the runtime):
-  layout = 16,
-  regions = 17,
-  vcpu = 18,
-  protection = 19,
-  page_tables = 20,
-  files = 21,
-  host_functions = 22,
-  working_set = 23,
 };
 
 /// The fixed header (the rest of its 4096 bytes are zero).

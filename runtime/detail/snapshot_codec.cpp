@@ -14,7 +14,7 @@ namespace kiln::detail {
 namespace {
 
 using memory::guest_phys_addr;
-using memory::ksnap::tag;
+namespace tag = section_tag;
 namespace fixed = memory::fixed;
 
 constexpr std::uint64_t max_string = 4096;
@@ -217,13 +217,13 @@ std::vector<memory::snapshot_section> encode_sections(const snapshot_state& s) {
 
 result<void> decode_sections(const std::vector<memory::snapshot_section>& sections,
                              std::uint64_t memory_size, snapshot_state& s) {
-  auto find = [&](tag t) -> const memory::snapshot_section* {
+  auto find = [&](memory::ksnap::tag t) -> const memory::snapshot_section* {
     for (const auto& sec : sections)
       if (sec.tag == t) return &sec;
     return nullptr;
   };
-  for (tag t : {tag::layout, tag::regions, tag::vcpu, tag::protection, tag::page_tables, tag::files,
-                tag::host_functions})
+  for (auto t : {tag::layout, tag::regions, tag::vcpu, tag::protection, tag::page_tables,
+                 tag::files, tag::host_functions})
     if (!find(t))
       return error(memory::memory_errc::snapshot_corrupt,
                    fmt::format("section {} missing", static_cast<unsigned>(t)));

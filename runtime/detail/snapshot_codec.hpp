@@ -9,6 +9,20 @@
 
 namespace kiln::detail {
 
+/// The runtime's sections of a .ksnap file, by tag: memory/ frames them (its own tags stop at
+/// memory::ksnap::tag::parent) and keeps them as bytes. The values are part of the file format:
+/// a new section takes a new value, and none is ever renumbered or reused.
+namespace section_tag {
+inline constexpr memory::ksnap::tag layout{16};
+inline constexpr memory::ksnap::tag regions{17};
+inline constexpr memory::ksnap::tag vcpu{18};
+inline constexpr memory::ksnap::tag protection{19};
+inline constexpr memory::ksnap::tag page_tables{20};
+inline constexpr memory::ksnap::tag files{21};
+inline constexpr memory::ksnap::tag host_functions{22};
+inline constexpr memory::ksnap::tag working_set{23}; // format 1.1, optional
+} // namespace section_tag
+
 /// The opaque sections (layout, regions, vCPU, protection, page tables, files, host functions)
 /// for `s`.
 std::vector<memory::snapshot_section> encode_sections(const snapshot_state& s);

@@ -42,6 +42,11 @@ constexpr std::uint64_t ram_size = 16 * mib;
 using image_ptr = std::shared_ptr<const snapshot_image>;
 using bytes = std::vector<std::byte>;
 
+/// An opaque section's tag: any value past ksnap::tag::parent, which this layer keeps as bytes.
+constexpr ksnap::tag opaque(std::uint32_t v) {
+  return ksnap::tag{v};
+}
+
 bytes text(std::string_view s) {
   bytes b(s.size());
   std::memcpy(b.data(), s.data(), s.size());
@@ -99,9 +104,9 @@ snapshot_file_info make_info(std::uint8_t id) {
   info.guest_abi_minor = 7;
   info.id.fill(id);
   // Out of order on purpose: the writer sorts; sizes 0, 3 (padded) and 8.
-  info.sections.push_back({ksnap::tag::vcpu, text("vcpu-reg")});
-  info.sections.push_back({ksnap::tag::layout, text("abc")});
-  info.sections.push_back({ksnap::tag::files, {}});
+  info.sections.push_back({opaque(18), text("vcpu-reg")});
+  info.sections.push_back({opaque(16), text("abc")});
+  info.sections.push_back({opaque(21), {}});
   return info;
 }
 
@@ -287,11 +292,11 @@ TEST_F(SnapshotFile, RoundTripsInfoExtentsAndSections) {
   EXPECT_FALSE(f->info().parent.has_value());
   EXPECT_EQ(f->extents(), filled_extents);
   ASSERT_EQ(f->info().sections.size(), 3u);
-  EXPECT_EQ(f->info().sections[0].tag, ksnap::tag::layout) << "sorted by tag";
+  EXPECT_EQ(f->info().sections[0].tag, opaque(16)) << "sorted by tag";
   EXPECT_EQ(f->info().sections[0].payload, text("abc"));
-  EXPECT_EQ(f->info().sections[1].tag, ksnap::tag::vcpu);
+  EXPECT_EQ(f->info().sections[1].tag, opaque(18));
   EXPECT_EQ(f->info().sections[1].payload, text("vcpu-reg"));
-  EXPECT_EQ(f->info().sections[2].tag, ksnap::tag::files);
+  EXPECT_EQ(f->info().sections[2].tag, opaque(21));
   EXPECT_TRUE(f->info().sections[2].payload.empty());
   EXPECT_EQ(f->data_offset() % page_size, 0u);
   EXPECT_EQ(f->file_size(), f->data_offset() + ram_size);
@@ -446,13 +451,13 @@ TEST_F(SnapshotFile, WriterRefusesReservedRepeatedTagsAndAWrongSize) {
     EXPECT_EQ(write_snapshot_file(path_, *img, info).code(), std::errc::invalid_argument);
   }
   auto info = make_info(1);
-  info.sections.push_back({ksnap::tag::layout, {}});
+  info.sections.push_back({opaque(16), {}});
   EXPECT_EQ(write_snapshot_file(path_, *img, info).code(), std::errc::invalid_argument);
   info = make_info(1);
   info.memory_size = 2 * ram_size;
   EXPECT_EQ(write_snapshot_file(path_, *img, info).code(), std::errc::invalid_argument);
   info = make_info(1);
-  info.sections.push_back({ksnap::tag::working_set, bytes(ksnap::max_meta)});
+  info.sections.push_back({opaque(23), bytes(ksnap::max_meta)});
   EXPECT_EQ(write_snapshot_file(path_, *img, info).code(), memory_errc::snapshot_too_large);
   EXPECT_TRUE(others(dir_, "").empty()) << "nothing created";
 }
@@ -925,7 +930,7 @@ TEST_F(SnapshotFile, AChainWithAMissingChangedOrForeignParentIsRefused) {
   // Rewritten with the same content and id: another header or meta checksum would be needed
   // to pass, and an id collision is not enough either. Here only the sections differ.
   auto info = make_info(1);
-  info.sections.push_back({ksnap::tag::host_functions, text("other")});
+  info.sections.push_back({opaque(22), text("other")});
   ASSERT_TRUE(write_snapshot_file(path_, *capture(fill_ram(1)), info));
   auto r = snapshot_chain::open(child);
   ASSERT_FALSE(r);

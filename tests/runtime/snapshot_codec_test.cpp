@@ -12,7 +12,7 @@ namespace kiln::detail {
 namespace {
 
 using memory::guest_phys_addr;
-using memory::ksnap::tag;
+namespace tag = section_tag;
 namespace fixed = memory::fixed;
 constexpr std::uint64_t mib = 1ull << 20;
 

@@ -1,5 +1,6 @@
 // Raw Unicorn baselines: engine creation and an `out` round trip, without kiln in the way.
-#include <kiln/vcpu/emulated/emulated_baseline.hpp>
+#include "emulated_baseline.hpp"
+
 #include <kiln/vcpu/vcpu_errc.hpp>
 
 #include <unicorn/unicorn.h>

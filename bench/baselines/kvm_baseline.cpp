@@ -1,5 +1,5 @@
 // Raw KVM baselines: a bare VM create/destroy, and a bare port-I/O exit round trip.
-#include <kiln/vcpu/kvm/kvm_baseline.hpp>
+#include "kvm_baseline.hpp"
 
 #include <kiln/vcpu/kvm/detail/unique_fd.hpp>
 #include <kiln/vcpu/vcpu_errc.hpp>
