@@ -39,8 +39,7 @@ template <class F, class Aw, class... A> struct awaitable_body {
   using result_type = typename unwrap_awaitable<Aw>::type;
   F fn;
 
-  void operator()(std::vector<value> args, const host_context& where,
-                  host_completion done) const {
+  void operator()(std::vector<value> args, const host_context& where, host_completion done) const {
     auto co = [](F f, std::vector<value> a) -> Aw {
       co_return co_await std::apply([&](auto&&... v) { return f(std::move(v)...); },
                                     take(a, std::index_sequence_for<A...>{}));
