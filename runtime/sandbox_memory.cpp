@@ -164,7 +164,8 @@ std::uint32_t sandbox::impl::serve_memory_request(const kiln_memory_request& req
   return *r;
 }
 
-step sandbox::impl::on_memory_request(std::uint32_t len) {
+step sandbox::impl::on_memory_request(const detail::hypercall& hc) {
+  const std::uint32_t len = hc.value;
   end_recording(); // the request may reprotect or discard armed pages
   auto req = mem.read_object<kiln_memory_request>(fixed::io_out); // one copy, then parsed
   if (!req) return step::failed(std::move(req).err());

@@ -11,6 +11,7 @@
 #include <kiln/memory/protection_map.hpp>
 #include <kiln/memory/touch_recorder.hpp>
 #include <kiln/memory/x86_64/page_table_editor.hpp>
+#include <kiln/runtime/detail/hypercall_table.hpp>
 #include <kiln/runtime/sandbox.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
@@ -135,17 +136,23 @@ struct sandbox::impl {
   }
   using step = detail::step;
   step on_exit(const vcpu::exit& e, bool init);
+  // sandbox_hypercalls.cpp: one handler per port of the ABI, looked up in a table.
+  using hypercall_handler = step (impl::*)(const detail::hypercall&);
+  static const detail::hypercall_table<hypercall_handler> hypercalls;
   step on_hypercall(const vcpu::exits::io_out& io, bool init);
-  step host_call(std::uint32_t len);
-  step on_log(std::uint32_t len);
-  step on_abort(std::uint32_t code);
+  step on_ready(const detail::hypercall& hc);
+  step on_return(const detail::hypercall& hc);
+  step on_host_call(const detail::hypercall& hc);
+  step on_log(const detail::hypercall& hc);
+  step on_abort(const detail::hypercall& hc);
+  step on_exception_record(const detail::hypercall& hc);
   step on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip,
                     std::uint64_t cr2);
   result<std::span<const std::byte>> copy_out(std::uint32_t len);
 
   // sandbox_memory.cpp
   result<void> init_memory(const memory::x86_64::page_table_image& img, bool nx);
-  step on_memory_request(std::uint32_t len);
+  step on_memory_request(const detail::hypercall& hc);
   /// Serves one request; a host-side failure (a syscall that should not fail) goes to `fatal`.
   std::uint32_t serve_memory_request(const kiln_memory_request& req, std::optional<error>& fatal);
   result<std::uint32_t> serve_protect(std::uint64_t addr, std::uint64_t size, memory::protection p);
