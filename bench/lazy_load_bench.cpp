@@ -316,6 +316,32 @@ void verdict(std::string_view what, double measured, std::string_view target, bo
              met ? "meets" : "MISSES");
 }
 
+/// The bandwidths and the lazy-load targets from the medians `med` (per mode: first result, ws
+/// call, ws resident, background MiB/s) and the sequential-read samples `seq`.
+void print_targets(const double (&med)[3][5], const std::vector<double>& seq, bool io_uring) {
+  const double seq_mib_s = median(seq);
+  std::string seq_all;
+  for (double s : seq)
+    seq_all += fmt::format(" {:.0f}", s);
+  fmt::print(
+      "sequential read of the evicted file, 1 MiB preads: {:.0f} MiB/s median (samples:{})\n",
+      seq_mib_s, seq_all);
+  fmt::print("background prefetch ({}): {:.0f} MiB/s (bytes read ahead / (to_everything - "
+             "to_start)); eager: {:.0f} MiB/s (bytes read / to_everything)\n",
+             io_uring ? "io_uring" : "worker thread", med[2][3], med[0][3]);
+  fmt::print("targets:\n");
+  const double first_ratio = med[2][0] / med[0][0];
+  verdict("prefetch first result / eager first result", first_ratio, "<= 0.10",
+          first_ratio <= 0.10);
+  const double ws_speedup = med[1][2] / med[2][2];
+  verdict("working set resident: demand / prefetch (x faster)", ws_speedup, ">= 3.7",
+          ws_speedup >= 3.7);
+  fmt::print("  {:<58} {:>8.3f}  (informative)\n", "working-set call done: demand / prefetch",
+             med[1][1] / med[2][1]);
+  const double bw_ratio = med[2][3] / seq_mib_s;
+  verdict("background prefetch / sequential bandwidth", bw_ratio, ">= 0.70", bw_ratio >= 0.70);
+}
+
 void bench(kiln::vcpu::backend_kind kind, int runs, const std::string& dir) {
   const std::string path = dir + "/kiln-lazy-load-bench.ksnap";
   const auto h = make_snapshot_file(kind, path);
@@ -382,27 +408,7 @@ void bench(kiln::vcpu::backend_kind kind, int runs, const std::string& dir) {
                all < 0 ? std::string("-") : fmt::format("{:.1f}", all), col(&run_result::mib_read),
                col(&run_result::faults), col(&run_result::major));
   }
-  const double seq_mib_s = median(seq);
-  std::string seq_all;
-  for (double s : seq)
-    seq_all += fmt::format(" {:.0f}", s);
-  fmt::print(
-      "sequential read of the evicted file, 1 MiB preads: {:.0f} MiB/s median (samples:{})\n",
-      seq_mib_s, seq_all);
-  fmt::print("background prefetch ({}): {:.0f} MiB/s (bytes read ahead / (to_everything - "
-             "to_start)); eager: {:.0f} MiB/s (bytes read / to_everything)\n",
-             results[2][0].io_uring ? "io_uring" : "worker thread", med[2][3], med[0][3]);
-  fmt::print("targets:\n");
-  const double first_ratio = med[2][0] / med[0][0];
-  verdict("prefetch first result / eager first result", first_ratio, "<= 0.10",
-          first_ratio <= 0.10);
-  const double ws_speedup = med[1][2] / med[2][2];
-  verdict("working set resident: demand / prefetch (x faster)", ws_speedup, ">= 3.7",
-          ws_speedup >= 3.7);
-  fmt::print("  {:<58} {:>8.3f}  (informative)\n", "working-set call done: demand / prefetch",
-             med[1][1] / med[2][1]);
-  const double bw_ratio = med[2][3] / seq_mib_s;
-  verdict("background prefetch / sequential bandwidth", bw_ratio, ">= 0.70", bw_ratio >= 0.70);
+  print_targets(med, seq, results[2][0].io_uring);
 }
 
 } // namespace

@@ -19,6 +19,7 @@
 #include <future>
 #include <iterator>
 #include <mutex>
+#include <optional>
 #include <string>
 #include <thread>
 #include <utility>
@@ -44,32 +45,71 @@ struct tally {
   }
 };
 
-} // namespace
-
-int main(int argc, char** argv) {
+struct options {
   unsigned sandboxes = 64, calls = 200, threads = 4, workers = 0, pool_threads = 2;
   std::string guest = KILN_GUEST_DIR "/calc.elf";
+};
+
+/// The command line, or nothing after printing the usage.
+std::optional<options> parse_options(int argc, char** argv) {
+  options o;
   bool usage = false;
-  const std::pair<const char*, unsigned*> opts[] = {{"--sandboxes", &sandboxes},
-                                                    {"--calls", &calls},
-                                                    {"--threads", &threads},
-                                                    {"--workers", &workers},
-                                                    {"--pool", &pool_threads}};
+  const std::pair<const char*, unsigned*> opts[] = {{"--sandboxes", &o.sandboxes},
+                                                    {"--calls", &o.calls},
+                                                    {"--threads", &o.threads},
+                                                    {"--workers", &o.workers},
+                                                    {"--pool", &o.pool_threads}};
   for (int i = 1; i < argc; ++i) {
-    auto o = std::find_if(std::begin(opts), std::end(opts),
-                          [&](const auto& p) { return !std::strcmp(argv[i], p.first); });
-    if (o != std::end(opts) && i + 1 < argc)
-      *o->second = unsigned(std::atoi(argv[++i]));
+    auto it = std::find_if(std::begin(opts), std::end(opts),
+                           [&](const auto& p) { return !std::strcmp(argv[i], p.first); });
+    if (it != std::end(opts) && i + 1 < argc)
+      *it->second = unsigned(std::atoi(argv[++i]));
     else if (argv[i][0] != '-')
-      guest = argv[i];
+      o.guest = argv[i];
     else
       usage = true;
   }
-  if (usage || !sandboxes || !calls || !threads || !pool_threads) {
+  if (usage || !o.sandboxes || !o.calls || !o.threads || !o.pool_threads) {
     fmt::print(stderr, "usage: many_sandboxes [--sandboxes N] [--calls M] [--threads T] "
                        "[--workers W] [--pool P] [guest.elf]\n");
-    return 2;
+    return std::nullopt;
   }
+  return o;
+}
+
+/// Thread k submits calls k, k + threads, ... to every sandbox: even ones add in the guest, odd
+/// ones go out to pool_add and back. Returns once every call is submitted; `t` hears the results.
+void fire_calls(const std::vector<kiln::async_sandbox>& sbs, const options& o, tally& t) {
+  std::vector<std::thread> submitters;
+  for (unsigned k = 0; k < o.threads; ++k)
+    submitters.emplace_back([&, k] {
+      for (unsigned s = 0; s < sbs.size(); ++s)
+        for (unsigned i = k; i < o.calls; i += o.threads) {
+          const kiln::async_sandbox& sb = sbs[s];
+          auto check = [&t, sb, want = std::int64_t(s) + i](kiln::error_code ec, kiln::value v) {
+            if (ec) return t.record(false, sb.last_error().message());
+            const auto* i32 = std::get_if<std::int32_t>(&v);
+            const auto* i64 = std::get_if<std::int64_t>(&v);
+            const std::int64_t got = i32 ? *i32 : i64 ? *i64 : -1;
+            t.record(got == want, {});
+          };
+          if (i % 2 == 0)
+            sb.async_call("add_i32", {std::int32_t(i), std::int32_t(s)}, check);
+          else
+            sb.async_call("call_host", {std::string("pool_add"), std::int64_t(s), std::int64_t(i)},
+                          check);
+        }
+    });
+  for (auto& th : submitters)
+    th.join();
+}
+
+} // namespace
+
+int main(int argc, char** argv) {
+  const auto opt = parse_options(argc, argv);
+  if (!opt) return 2;
+  const auto [sandboxes, calls, threads, workers, pool_threads, guest] = *opt;
 
   // Every call may wait in its sandbox's queue at once, so the queue must hold them all.
   kiln::runtime rt({.workers = workers, .max_queued_calls = std::max<std::size_t>(1024, calls)});
@@ -77,7 +117,9 @@ int main(int argc, char** argv) {
   kiln::host_functions host;
   host.add_async<std::int64_t(std::int64_t, std::int64_t)>(
       "pool_add", [&pool](std::int64_t a, std::int64_t b, kiln::host_reply<std::int64_t> reply) {
-        asio::post(pool, [a, b, reply] { reply(a + b); }); // the guest stays parked meanwhile
+        asio::post(pool, [a, b, reply = std::move(reply)] {
+          reply(a + b);
+        }); // the guest stays parked meanwhile
       });
 
   kiln::sandbox_config config;
@@ -98,30 +140,7 @@ int main(int argc, char** argv) {
   const std::uint64_t total = std::uint64_t(sandboxes) * calls;
   t.pending = total;
   const auto t0 = std::chrono::steady_clock::now();
-  // Thread k submits calls k, k + threads, ... to every sandbox: even ones add in the guest,
-  // odd ones go out to pool_add and back.
-  std::vector<std::thread> submitters;
-  for (unsigned k = 0; k < threads; ++k)
-    submitters.emplace_back([&, k] {
-      for (unsigned s = 0; s < sandboxes; ++s)
-        for (unsigned i = k; i < calls; i += threads) {
-          const kiln::async_sandbox& sb = sbs[s];
-          auto check = [&t, sb, want = std::int64_t(s) + i](kiln::error_code ec, kiln::value v) {
-            if (ec) return t.record(false, sb.last_error().message());
-            const auto* i32 = std::get_if<std::int32_t>(&v);
-            const auto* i64 = std::get_if<std::int64_t>(&v);
-            const std::int64_t got = i32 ? *i32 : i64 ? *i64 : -1;
-            t.record(got == want, {});
-          };
-          if (i % 2 == 0)
-            sb.async_call("add_i32", {std::int32_t(i), std::int32_t(s)}, check);
-          else
-            sb.async_call("call_host", {std::string("pool_add"), std::int64_t(s), std::int64_t(i)},
-                          check);
-        }
-    });
-  for (auto& th : submitters)
-    th.join();
+  fire_calls(sbs, *opt, t);
   t.all_done.get_future().get();
   const double secs = std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
 

@@ -41,6 +41,63 @@ const char* rights(protection p) {
   }
 }
 
+using file_slots = std::vector<std::unique_ptr<detail::mapped_file_slot>>;
+
+/// The guest's name for the file `request` maps (its own, or the path's last component), checked
+/// against the file table's limits and the names already mapped.
+result<std::string> mapped_file_name(const file_mapping& request, const file_slots& files) {
+  std::string name = request.name;
+  if (name.empty()) {
+    const auto slash = request.path.find_last_of('/');
+    name = slash == std::string::npos ? request.path : request.path.substr(slash + 1);
+  }
+  if (name.empty() || name.size() >= KILN_FILE_NAME_MAX || name.find('\0') != std::string::npos)
+    return error(memory::memory_errc::file_name_invalid,
+                 fmt::format("'{}': 1..{} bytes, no NUL", name, KILN_FILE_NAME_MAX - 1));
+  for (const auto& f : files)
+    if (f->name == name)
+      return error(memory::memory_errc::file_name_invalid, "'" + name + "' is already mapped");
+  if (files.size() >= fixed::max_files)
+    return error(memory::memory_errc::too_many_ranges,
+                 fmt::format("at most {} files per sandbox", fixed::max_files));
+  return name;
+}
+
+/// Where in the file room [room_lo, room_hi) a file of `size` bytes goes: at the address the
+/// caller asked for, checked, or else the first fit at a 2 MiB boundary, so that most of the file
+/// gets 2 MiB page-table leaves.
+result<std::uint64_t> place_mapped_file(const file_mapping& request, std::uint64_t size,
+                                        std::uint64_t room_lo, std::uint64_t room_hi,
+                                        const file_slots& files) {
+  if (const std::uint64_t at = request.guest_address; at != 0) {
+    std::uint64_t end = 0;
+    if (!memory::is_aligned(at, memory::page_size))
+      return error(memory::memory_errc::unaligned, "guest address of a mapped file");
+    if (at < room_lo || __builtin_add_overflow(at, size, &end) || end > room_hi)
+      return error(memory::memory_errc::out_of_bounds,
+                   fmt::format("[{:#x}, +{:#x}) is outside the file room [{:#x}, {:#x})", at, size,
+                               room_lo, room_hi));
+    for (const auto& f : files)
+      if (at < f->addr.value + f->mapped_size && f->addr.value < end)
+        return error(memory::memory_errc::overlapping_region,
+                     fmt::format("[{:#x}, +{:#x}) overlaps mapped file '{}'", at, size, f->name));
+    return at;
+  }
+  std::vector<std::pair<std::uint64_t, std::uint64_t>> used;
+  for (const auto& f : files)
+    used.emplace_back(f->addr.value, f->addr.value + f->mapped_size);
+  std::sort(used.begin(), used.end());
+  std::uint64_t candidate = memory::align_up(room_lo, memory::large_page_size);
+  for (const auto& [lo, hi] : used) {
+    if (candidate + size <= lo) break;
+    candidate = std::max(candidate, memory::align_up(hi, memory::large_page_size));
+  }
+  if (candidate > room_hi || room_hi - candidate < size)
+    return error(memory::memory_errc::file_too_large,
+                 fmt::format("no free {} bytes in the file room for {}", size, request.path));
+  return candidate;
+}
+
 } // namespace
 
 result<void> sandbox::impl::init_memory(const memory::x86_64::page_table_image& img, bool nx) {
@@ -268,21 +325,7 @@ result<void> sandbox::impl::write_file_table() {
 result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
   if (calling) return error(errc::not_ready, "files are mapped between calls");
   if (is_poisoned) return error(errc::poisoned, poison.message());
-  std::string name = request.name;
-  if (name.empty()) {
-    const auto slash = request.path.find_last_of('/');
-    name = slash == std::string::npos ? request.path : request.path.substr(slash + 1);
-  }
-  if (name.empty() || name.size() >= KILN_FILE_NAME_MAX || name.find('\0') != std::string::npos)
-    return error(memory::memory_errc::file_name_invalid,
-                 fmt::format("'{}': 1..{} bytes, no NUL", name, KILN_FILE_NAME_MAX - 1));
-  for (const auto& f : files)
-    if (f->name == name)
-      return error(memory::memory_errc::file_name_invalid, "'" + name + "' is already mapped");
-  if (files.size() >= fixed::max_files)
-    return error(memory::memory_errc::too_many_ranges,
-                 fmt::format("at most {} files per sandbox", fixed::max_files));
-
+  KILN_TRY_ASSIGN(std::string name, mapped_file_name(request, files));
   KILN_TRY_ASSIGN(auto file, memory::host_file::open(request.path));
   const std::uint64_t size = memory::align_up(file.identity().size, memory::page_size);
   const std::uint64_t room_lo = mem.size(), room_hi = mem.address_limit();
@@ -290,35 +333,8 @@ result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
     return error(memory::memory_errc::file_too_large,
                  fmt::format("{} is {} bytes; the file room holds {}", request.path,
                              file.identity().size, room_hi - room_lo));
-  std::uint64_t at = request.guest_address;
-  if (at != 0) {
-    std::uint64_t end = 0;
-    if (!memory::is_aligned(at, memory::page_size))
-      return error(memory::memory_errc::unaligned, "guest address of a mapped file");
-    if (at < room_lo || __builtin_add_overflow(at, size, &end) || end > room_hi)
-      return error(memory::memory_errc::out_of_bounds,
-                   fmt::format("[{:#x}, +{:#x}) is outside the file room [{:#x}, {:#x})", at, size,
-                               room_lo, room_hi));
-    for (const auto& f : files)
-      if (at < f->addr.value + f->mapped_size && f->addr.value < end)
-        return error(memory::memory_errc::overlapping_region,
-                     fmt::format("[{:#x}, +{:#x}) overlaps mapped file '{}'", at, size, f->name));
-  } else {
-    // First fit at 2 MiB boundaries, so most of the file gets 2 MiB page-table leaves.
-    std::vector<std::pair<std::uint64_t, std::uint64_t>> used;
-    for (const auto& f : files)
-      used.emplace_back(f->addr.value, f->addr.value + f->mapped_size);
-    std::sort(used.begin(), used.end());
-    std::uint64_t candidate = memory::align_up(room_lo, memory::large_page_size);
-    for (const auto& [lo, hi] : used) {
-      if (candidate + size <= lo) break;
-      candidate = std::max(candidate, memory::align_up(hi, memory::large_page_size));
-    }
-    if (candidate > room_hi || room_hi - candidate < size)
-      return error(memory::memory_errc::file_too_large,
-                   fmt::format("no free {} bytes in the file room for {}", size, request.path));
-    at = candidate;
-  }
+  KILN_TRY_ASSIGN(const std::uint64_t at,
+                  place_mapped_file(request, size, room_lo, room_hi, files));
 
   const guest_phys_addr addr{at};
   auto slot = std::make_unique<detail::mapped_file_slot>(

@@ -88,7 +88,9 @@ kiln::host_functions cli_host_functions() {
   return host;
 }
 
-int cmd_run(run_options o) {
+/// Fills `cfg` and `args` from the command line of `kiln run`. Returns 0, or 2 after printing
+/// what is wrong with it.
+int parse_run(run_options& o, kiln::sandbox_config& cfg, std::vector<kiln::value>& args) {
   // Positionals: GUEST FUNCTION ARGS..., or FUNCTION ARGS... when the guest comes from a file.
   const std::size_t need = o.snapshot.empty() ? 2 : 1;
   if (o.positional.size() < need) {
@@ -99,7 +101,6 @@ int cmd_run(run_options o) {
   if (o.snapshot.empty()) o.guest = o.positional[0];
   o.function = o.positional[need - 1];
   o.args.assign(o.positional.begin() + static_cast<std::ptrdiff_t>(need), o.positional.end());
-  kiln::sandbox_config cfg;
   cfg.guest_path = o.guest;
   auto backend = kiln::vcpu::parse_backend_choice(o.backend);
   if (!backend) {
@@ -128,7 +129,6 @@ int cmd_run(run_options o) {
     if (eq != std::string::npos) f.name = m.substr(eq + 1);
     cfg.files.push_back(std::move(f));
   }
-  std::vector<kiln::value> args;
   for (const auto& a : o.args) {
     auto v = kiln::parse_value(a);
     if (!v) {
@@ -148,6 +148,85 @@ int cmd_run(run_options o) {
     fmt::print(stderr, "kiln: --load is prefetch, demand or eager, not '{}'\n", o.load);
     return 2;
   }
+  return 0;
+}
+
+/// --save FILE: snapshots `sb` after its call and reports what the file holds.
+int save_after_run(kiln::sandbox& sb, const run_options& o) {
+  auto snap = sb.take_snapshot();
+  auto saved =
+      snap ? snap->save(o.save, {.layered = !o.save_whole}) : kiln::result<void>(snap.err());
+  if (!saved) {
+    fmt::print(stderr, "kiln: cannot save {}: {}\n", o.save, saved.err().message());
+    return 1;
+  }
+  if (auto again = kiln::snapshot::load(o.save)) {
+    const auto files = again->files();
+    const auto stored = again->stored_bytes();
+    fmt::print(stderr, "saved {}: {} KiB stored{}\n", o.save, stored ? *stored / 1024 : 0,
+               files.size() > 1 ? ", over " + files[files.size() - 2] : std::string());
+  }
+  return 0;
+}
+
+/// --stats for a sandbox loaded from a file: waits for the load to finish and reports its
+/// timeline.
+void print_load_stats(kiln::sandbox& sb) {
+  sb.wait_loaded();
+  const auto w = sb.stats().load;
+  const char* mode = w.mode == kiln::load_mode::prefetch ? "prefetch"
+                     : w.mode == kiln::load_mode::demand ? "demand"
+                                                         : "eager";
+  auto ms = [](std::chrono::nanoseconds d) { return d.count() / 1e6; };
+  fmt::print(stderr, "load: {} ({}), working set {} pages\n", mode,
+             w.mode == kiln::load_mode::demand ? "pages fault in"
+             : w.io_uring                      ? "io_uring"
+                                               : "worker thread",
+             w.working_set_pages);
+  fmt::print(stderr, "  vCPU could start after {:.2f} ms, first result after {:.2f} ms\n",
+             ms(w.to_start), ms(w.to_first_result));
+  if (w.working_set_resident)
+    fmt::print(stderr, "  working set resident after {:.2f} ms, everything after {:.2f} ms\n",
+               ms(w.to_working_set), ms(w.to_everything));
+  fmt::print(stderr,
+             "  {} KiB read ahead; {} page faults during the load ({} waited for the disk)\n",
+             w.bytes_prefetched / 1024, w.faults, w.major_faults);
+  if (w.bytes_prefaulted != 0)
+    fmt::print(stderr, "  {} KiB pre-faulted in the second-level page tables\n",
+               w.bytes_prefaulted / 1024);
+}
+
+/// --stats: what the run cost, on stderr.
+void print_run_stats(kiln::sandbox& sb) {
+  const auto s = sb.stats();
+  fmt::print(
+      stderr,
+      "backend: {}\ncreate: {:.1f} us\ncall: {:.1f} us\nexits: {} ({} hypercalls, {} other)\n"
+      "host calls: {}\nvcpu runs: {}, memory map calls: {}\n",
+      kiln::vcpu::to_string(sb.backend()), s.create_time.count() / 1e3,
+      s.last_call_time.count() / 1e3, s.exits, s.exits_io, s.exits_other, s.host_calls, s.vcpu.runs,
+      s.vcpu.map_calls);
+  const auto& m = s.memory;
+  fmt::print(stderr,
+             "memory after create: {} host syscalls, {} backend calls, {} page-table edits\n"
+             "protect requests: {} ({} changed nothing and cost nothing, {} refused)\n"
+             "protection ranges: {}, page-table pages: {}\n"
+             "hand-backs: {} ({} bytes discarded)\nfiles mapped: {}, unmapped: {}\n",
+             m.host_syscalls, m.backend_calls, m.page_table_edits, m.protect_requests,
+             m.protect_noops, m.protect_refused, m.protection_ranges, m.page_tables,
+             m.release_requests, m.released_bytes, m.files_mapped, m.files_unmapped);
+  if (s.load.from_file) print_load_stats(sb);
+  if (auto rss = sb.resident_bytes())
+    fmt::print(stderr, "guest RAM resident: {} KiB\n", *rss / 1024);
+  for (const auto& f : sb.mapped_files())
+    fmt::print(stderr, "file '{}': {} bytes at guest {:#x} ({})\n", f.name, f.size, f.guest_address,
+               f.path);
+}
+
+int cmd_run(run_options o) {
+  kiln::sandbox_config cfg;
+  std::vector<kiln::value> args;
+  if (const int rc = parse_run(o, cfg, args); rc != 0) return rc;
   kiln::result<std::unique_ptr<kiln::sandbox>> sb = kiln::error{};
   if (o.snapshot.empty()) {
     sb = kiln::sandbox::create(cfg, cli_host_functions());
@@ -170,69 +249,9 @@ int cmd_run(run_options o) {
   else
     fmt::print(stderr, "kiln: {} failed: {}\n", o.function, r.err().message());
   std::fflush(stdout);
-  if (r && !o.save.empty()) {
-    auto snap = (*sb)->take_snapshot();
-    auto saved =
-        snap ? snap->save(o.save, {.layered = !o.save_whole}) : kiln::result<void>(snap.err());
-    if (!saved) {
-      fmt::print(stderr, "kiln: cannot save {}: {}\n", o.save, saved.err().message());
-      return 1;
-    }
-    if (auto again = kiln::snapshot::load(o.save)) {
-      const auto files = again->files();
-      const auto stored = again->stored_bytes();
-      fmt::print(stderr, "saved {}: {} KiB stored{}\n", o.save, stored ? *stored / 1024 : 0,
-                 files.size() > 1 ? ", over " + files[files.size() - 2] : std::string());
-    }
-  }
-  if (o.stats) {
-    const auto s = (*sb)->stats();
-    fmt::print(
-        stderr,
-        "backend: {}\ncreate: {:.1f} us\ncall: {:.1f} us\nexits: {} ({} hypercalls, {} other)\n"
-        "host calls: {}\nvcpu runs: {}, memory map calls: {}\n",
-        kiln::vcpu::to_string((*sb)->backend()), s.create_time.count() / 1e3,
-        s.last_call_time.count() / 1e3, s.exits, s.exits_io, s.exits_other, s.host_calls,
-        s.vcpu.runs, s.vcpu.map_calls);
-    const auto& m = s.memory;
-    fmt::print(stderr,
-               "memory after create: {} host syscalls, {} backend calls, {} page-table edits\n"
-               "protect requests: {} ({} changed nothing and cost nothing, {} refused)\n"
-               "protection ranges: {}, page-table pages: {}\n"
-               "hand-backs: {} ({} bytes discarded)\nfiles mapped: {}, unmapped: {}\n",
-               m.host_syscalls, m.backend_calls, m.page_table_edits, m.protect_requests,
-               m.protect_noops, m.protect_refused, m.protection_ranges, m.page_tables,
-               m.release_requests, m.released_bytes, m.files_mapped, m.files_unmapped);
-    if (const auto& l = s.load; l.from_file) {
-      (*sb)->wait_loaded();
-      const auto w = (*sb)->stats().load;
-      const char* mode = w.mode == kiln::load_mode::prefetch ? "prefetch"
-                         : w.mode == kiln::load_mode::demand ? "demand"
-                                                             : "eager";
-      auto ms = [](std::chrono::nanoseconds d) { return d.count() / 1e6; };
-      fmt::print(stderr, "load: {} ({}), working set {} pages\n", mode,
-                 w.mode == kiln::load_mode::demand ? "pages fault in"
-                 : w.io_uring                      ? "io_uring"
-                                                   : "worker thread",
-                 w.working_set_pages);
-      fmt::print(stderr, "  vCPU could start after {:.2f} ms, first result after {:.2f} ms\n",
-                 ms(w.to_start), ms(w.to_first_result));
-      if (w.working_set_resident)
-        fmt::print(stderr, "  working set resident after {:.2f} ms, everything after {:.2f} ms\n",
-                   ms(w.to_working_set), ms(w.to_everything));
-      fmt::print(stderr,
-                 "  {} KiB read ahead; {} page faults during the load ({} waited for the disk)\n",
-                 w.bytes_prefetched / 1024, w.faults, w.major_faults);
-      if (w.bytes_prefaulted != 0)
-        fmt::print(stderr, "  {} KiB pre-faulted in the second-level page tables\n",
-                   w.bytes_prefaulted / 1024);
-    }
-    if (auto rss = (*sb)->resident_bytes())
-      fmt::print(stderr, "guest RAM resident: {} KiB\n", *rss / 1024);
-    for (const auto& f : (*sb)->mapped_files())
-      fmt::print(stderr, "file '{}': {} bytes at guest {:#x} ({})\n", f.name, f.size,
-                 f.guest_address, f.path);
-  }
+  if (r && !o.save.empty())
+    if (const int saved = save_after_run(**sb, o); saved != 0) return saved;
+  if (o.stats) print_run_stats(**sb);
   return rc;
 }
 
