@@ -24,7 +24,7 @@ int main(int argc, char** argv) {
     outcome.set_value(fmt::format("{}: {}", what, why));
   };
 
-  rt.async_create(config, {}, [&](kiln::error_code ec, kiln::async_sandbox sb) {
+  rt.async_create(config, {}, [&](kiln::error_code ec, const kiln::async_sandbox& sb) {
     if (ec) return fail("create", sb.last_error().message());
     fmt::print("created a sandbox ({} backend) on worker {} of {}\n",
                kiln::vcpu::to_string(sb.backend()), sb.worker(), rt.worker_count());
@@ -40,7 +40,7 @@ int main(int argc, char** argv) {
       // is queued on that same worker and crosses no thread.
       const std::int64_t x = std::get<std::int32_t>(sum);
       sb.async_call("mul_i64", {x, std::int64_t{1'000'000'007}},
-                    [&, sb, x](kiln::error_code ec, kiln::value product) {
+                    [&, sb, x](kiln::error_code ec, const kiln::value& product) {
                       if (ec) return fail("mul_i64", sb.last_error().message());
                       if (product != kiln::value{x * 1'000'000'007})
                         return fail("mul_i64", "wrong result " + kiln::to_string(product));

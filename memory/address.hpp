@@ -26,6 +26,7 @@ struct guest_phys_addr {
 
   constexpr guest_phys_addr() = default;
   constexpr explicit guest_phys_addr(std::uint64_t v) : value(v) {}
+  // NOLINTNEXTLINE(modernize-use-nullptr): clang-tidy 14 misreads a defaulted <=>
   constexpr auto operator<=>(const guest_phys_addr&) const = default;
   constexpr guest_phys_addr operator+(std::uint64_t d) const { return guest_phys_addr{value + d}; }
 };
@@ -36,6 +37,7 @@ struct region_offset {
 
   constexpr region_offset() = default;
   constexpr explicit region_offset(std::uint64_t v) : value(v) {}
+  // NOLINTNEXTLINE(modernize-use-nullptr): clang-tidy 14 misreads a defaulted <=>
   constexpr auto operator<=>(const region_offset&) const = default;
 };
 

@@ -45,7 +45,7 @@ template <class F, class Aw, class... A> struct awaitable_body {
                                     take(a, std::index_sequence_for<A...>{}));
     };
     boost::asio::co_spawn(where.executor(), co(fn, std::move(args)),
-                          [done](std::exception_ptr e, auto... r) {
+                          [done = std::move(done)](std::exception_ptr e, auto... r) {
                             host_call_outcome o;
                             if (e) {
                               o.status = KILN_STATUS_HOST_ERROR;

@@ -187,8 +187,8 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
       host_completion done = [weak, op](host_call_outcome o) {
         auto self = weak.lock();
         if (!self) return;
-        asio::post(self->executor(), [weak, op, o = std::move(o)]() mutable {
-          if (auto s = weak.lock()) s->on_host_reply(op, std::move(o));
+        asio::post(self->executor(), [weak, op, o = std::move(o)] {
+          if (auto s = weak.lock()) s->on_host_reply(op, o);
         });
       };
       try {
@@ -204,7 +204,8 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
   }
 }
 
-void sandbox_core::on_host_reply(const std::shared_ptr<call_op>& op, host_call_outcome outcome) {
+void sandbox_core::on_host_reply(const std::shared_ptr<call_op>& op,
+                                 const host_call_outcome& outcome) {
   if (!op->parked || op->done || !sb) return;
   op->parked = false;
   if (const unsigned r = op->stop.load()) return stop_started(op, r);

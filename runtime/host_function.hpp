@@ -189,7 +189,7 @@ private:
   host_functions& add_typed(std::string name, F f, std::tuple<A...>*, R*) {
     using plain = typename detail::unwrap_result<R>::type;
     host_function h;
-    h.name = name;
+    h.name = std::move(name);
     h.params = {wire_type<A>::value...};
     h.returns = wire_type<plain>::value;
     h.body = [f = std::move(f)](std::span<const value> args) -> result<value> {
@@ -220,7 +220,7 @@ private:
   template <class F, class... A, class R>
   host_functions& add_async_typed(std::string name, F f, std::tuple<A...>*, R*) {
     host_function h;
-    h.name = name;
+    h.name = std::move(name);
     h.params = {wire_type<A>::value...};
     h.returns = wire_type<R>::value;
     h.async_body = [f = std::move(f)](std::vector<value> args, const host_context&,
@@ -248,7 +248,7 @@ private:
   host_functions& add_awaitable_typed(std::string name, F f, std::tuple<A...>*, Aw*) {
     using body = detail::awaitable_body<F, Aw, A...>;
     host_function h;
-    h.name = name;
+    h.name = std::move(name);
     h.params = {wire_type<A>::value...};
     h.returns = wire_type<typename body::result_type>::value;
     h.async_body = body{std::move(f)};

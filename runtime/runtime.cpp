@@ -68,7 +68,7 @@ void create_on_worker(const std::shared_ptr<runtime_impl>& rt, create_handler ha
                       std::function<result<std::unique_ptr<sandbox>>(runtime_impl&)> make) {
   auto ex = asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),
                          asio::execution::outstanding_work.tracked);
-  auto fail = [&](error e) {
+  auto fail = [&](const error& e) {
     async_sandbox empty;
     empty.create_error_ = std::make_shared<const error>(e);
     // Inside the initiating function: never inline; then on the handler's own executor.

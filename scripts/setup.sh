@@ -5,7 +5,7 @@ packages=(
   build-essential cmake ninja-build pkg-config binutils
   libboost1.81-dev libfmt-dev liburing-dev libunicorn-dev
   libgtest-dev libbenchmark-dev libcli11-dev musl-dev
-  clang-format
+  clang-format clang-tidy
 )
 missing=()
 for p in "${packages[@]}"; do

@@ -20,6 +20,7 @@ werror=OFF
 [[ -n ${CI:-} ]] && werror=ON
 scripts/build.sh -DKILN_WERROR=$werror
 build=${BUILD_DIR:-build}
+scripts/check-tidy.sh "$build"
 echo "Backends on this machine (tests labelled kvm skip, with this reason, when kvm is unusable):"
 "$build/tools/kiln" backends
 

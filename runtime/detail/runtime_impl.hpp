@@ -133,7 +133,7 @@ struct sandbox_core : std::enable_shared_from_this<sandbox_core> {
   void enqueue(std::shared_ptr<call_op> op);
   void pump();
   void run_slice(const std::shared_ptr<call_op>& op);
-  void on_host_reply(const std::shared_ptr<call_op>& op, host_call_outcome outcome);
+  void on_host_reply(const std::shared_ptr<call_op>& op, const host_call_outcome& outcome);
   void on_stop_request(const std::shared_ptr<call_op>& op);
   void stop_started(const std::shared_ptr<call_op>& op, unsigned reasons);
   void finish(const std::shared_ptr<call_op>& op, error_code ec, value v, const error* detail);
