@@ -40,6 +40,26 @@ enum class region_backing {
 
 const char* to_string(region_kind k) noexcept;
 
+/// Whether the guest owns the pages of a region of kind `k`: it may tighten their protection
+/// (image, heap, stack). kiln's own regions and mapped files keep the rights kiln gave them.
+constexpr bool guest_owned(region_kind k) noexcept {
+  switch (k) {
+  case region_kind::image:
+  case region_kind::heap:
+  case region_kind::stack:
+    return true;
+  case region_kind::boot_info:
+  case region_kind::system_tables:
+  case region_kind::page_tables:
+  case region_kind::ist_stack:
+  case region_kind::io_in:
+  case region_kind::io_out:
+  case region_kind::file:
+    return false;
+  }
+  return false;
+}
+
 struct region {
   std::string name; // e.g. "image.text", "heap"
   region_kind kind;

@@ -2,6 +2,7 @@
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/protection_map.hpp>
 
+#include <algorithm>
 #include <iterator>
 
 namespace kiln::memory {
@@ -149,6 +150,54 @@ protection protection_map::at(guest_phys_addr a) const {
   if (it == ranges_.begin()) return protection::none;
   --it;
   return a.value < it->second.end ? it->second.prot : protection::none;
+}
+
+void protection_map::encode(byte_writer& w) const {
+  w.put(static_cast<std::uint64_t>(max_ranges_));
+  w.put(static_cast<std::uint32_t>(ranges_.size()));
+  for (const auto& [start, r] : ranges_) {
+    w.put(start);
+    w.put(r.end - start);
+    w.put(static_cast<std::uint8_t>(r.prot));
+  }
+}
+
+namespace {
+
+/// Whether every page of [start, end) lies in a guest-owned region of `regions` whose rights
+/// include `p`.
+bool within_owned(std::span<const region> regions, std::uint64_t start, std::uint64_t end,
+                  protection p) {
+  for (std::uint64_t at = start; at < end;) {
+    const region* owner = nullptr;
+    for (const auto& reg : regions)
+      if (reg.contains(guest_phys_addr{at})) owner = &reg;
+    if (!owner || !guest_owned(owner->kind) || !is_subset(p, owner->prot)) return false;
+    at = std::min(end, owner->end().value);
+  }
+  return true;
+}
+
+} // namespace
+
+result<protection_map> protection_map::decode(byte_reader& r, std::span<const region> regions) {
+  KILN_TRY_ASSIGN(const auto cap, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(const auto n, r.get<std::uint32_t>());
+  if (cap > max_saved_ranges || n > cap) return r.bad("too many protection ranges");
+  protection_map m(static_cast<std::size_t>(cap));
+  for (std::uint32_t i = 0; i < n; ++i) {
+    KILN_TRY_ASSIGN(const auto start, r.get<std::uint64_t>());
+    KILN_TRY_ASSIGN(const auto size, r.get<std::uint64_t>());
+    KILN_TRY_ASSIGN(const auto bits, r.get<std::uint8_t>());
+    const auto p = static_cast<protection>(bits);
+    std::uint64_t end = 0;
+    if (bits > 7 || __builtin_add_overflow(start, size, &end)) return r.bad("protection range");
+    if (!within_owned(regions, start, end, p))
+      return r.bad("protection range outside the guest's memory or wider than its region");
+    if (auto a = m.add(guest_phys_addr{start}, size, p); !a)
+      return r.bad("protection range: " + a.err().message());
+  }
+  return m;
 }
 
 } // namespace kiln::memory

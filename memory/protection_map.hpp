@@ -2,10 +2,13 @@
 #pragma once
 
 #include <kiln/memory/address.hpp>
+#include <kiln/memory/guest_memory.hpp>
+#include <kiln/support/byte_codec.hpp>
 #include <kiln/support/result.hpp>
 
 #include <cstdint>
 #include <map>
+#include <span>
 #include <vector>
 
 namespace kiln::memory {
@@ -58,6 +61,17 @@ public:
   /// Every recorded range, in address order (from == to == its protection).
   std::vector<protection_change> list() const;
   std::size_t max_ranges() const noexcept { return max_ranges_; }
+
+  /// The largest cap a saved map may carry.
+  static constexpr std::uint64_t max_saved_ranges = 1u << 16;
+  /// Appends the map as a snapshot stores it: u64 cap, u32 range count, then each range in
+  /// address order as {u64 start, u64 size, u8 protection}.
+  void encode(byte_writer& w) const;
+  /// Reads what encode() wrote, checking it as the map of a guest whose RAM regions are
+  /// `regions`: a cap up to max_saved_ranges and no more ranges than it, valid protections, and
+  /// every page of every range inside one guest-owned region (guest_owned()) whose rights
+  /// include the range's. Errors: the reader's, naming the field.
+  static result<protection_map> decode(byte_reader& r, std::span<const region> regions);
 
 private:
   struct range {

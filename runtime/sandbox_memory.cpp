@@ -104,14 +104,10 @@ result<void> sandbox::impl::init_memory(const memory::x86_64::page_table_image& 
   tables.emplace(mem, img, fixed::page_tables_max, nx);
   std::size_t owned_regions = 0;
   for (const auto& r : mem.regions())
-    if (r.kind == memory::region_kind::image || r.kind == memory::region_kind::heap ||
-        r.kind == memory::region_kind::stack)
-      ++owned_regions;
+    if (memory::guest_owned(r.kind)) ++owned_regions;
   prot = memory::protection_map(owned_regions + config.max_protection_ranges);
   for (const auto& r : mem.regions())
-    if (r.kind == memory::region_kind::image || r.kind == memory::region_kind::heap ||
-        r.kind == memory::region_kind::stack)
-      KILN_TRY(prot.add(r.start, r.size, r.prot));
+    if (memory::guest_owned(r.kind)) KILN_TRY(prot.add(r.start, r.size, r.prot));
   file_faults.context = cpu.get();
   file_faults.notify = [](void* c) noexcept { static_cast<vcpu::vcpu*>(c)->kick(); };
   return {};
@@ -258,8 +254,7 @@ std::optional<error> sandbox::impl::name_memory_fault(std::uint64_t addr, bool w
     return error(
         errc::memory_violation,
         fmt::format("{} at {:#x}: no file is mapped there (rip {:#x})", access, addr, rip));
-  if (r && (r->kind == memory::region_kind::image || r->kind == memory::region_kind::heap ||
-            r->kind == memory::region_kind::stack)) {
+  if (r && memory::guest_owned(r->kind)) {
     const protection now = prot.at(guest_phys_addr{addr});
     if (now != r->prot)
       return error(errc::memory_violation,

@@ -31,11 +31,6 @@ std::atomic<std::uint64_t> next_snapshot_id{1};
 /// (bench/snapshot_bench: 16 dirtied pages restore in 18 us copied, 69 us dropped).
 constexpr std::uint64_t copy_back_max_pages = 64;
 
-bool owned_kind(memory::region_kind k) {
-  return k == memory::region_kind::image || k == memory::region_kind::heap ||
-         k == memory::region_kind::stack;
-}
-
 bool same_ram_layout(const std::vector<memory::region>& a, const memory::guest_memory& mem) {
   std::vector<const memory::region*> ram;
   for (const auto& r : mem.regions())
@@ -229,7 +224,7 @@ result<void> sandbox::impl::apply_protections(const memory::protection_map& from
     const guest_phys_addr a{cuts[i]};
     const std::uint64_t len = cuts[i + 1] - cuts[i];
     const memory::region* r = mem.find(a);
-    if (!r || !owned_kind(r->kind)) continue;
+    if (!r || !memory::guest_owned(r->kind)) continue;
     const protection pf = from.at(a), pt = to.at(a);
     const protection host_from = remapped ? memory::prot_rw : host_level(*r, pf);
     if (host_from != host_level(*r, pt)) KILN_TRY(mem.host_protect(a, len, host_level(*r, pt)));
@@ -469,7 +464,7 @@ detail::sandbox_access::create_from_snapshot(const snapshot& snap, host_function
   // The backend starts from the regions' own rights; bring it (and the host) to the snapshot's.
   memory::protection_map initial(s.prot.max_ranges());
   for (const auto& r : s.regions)
-    if (owned_kind(r.kind)) KILN_TRY(initial.add(r.start, r.size, r.prot));
+    if (memory::guest_owned(r.kind)) KILN_TRY(initial.add(r.start, r.size, r.prot));
   p->prot = initial;
   KILN_TRY(p->sync_files(s));
   KILN_TRY(p->apply_protections(initial, s.prot, /*remapped=*/true));

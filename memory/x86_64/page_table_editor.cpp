@@ -176,4 +176,42 @@ result<std::uint64_t> page_table_editor::set(guest_phys_addr start_addr, std::ui
   return edits_ - before;
 }
 
+void page_table_editor::state::encode(byte_writer& w) const {
+  w.put(root.value);
+  w.put(pd_count);
+  w.put(used_tables);
+  w.put(max_tables);
+  w.put(static_cast<std::uint32_t>(free.size()));
+  for (std::uint64_t page : free)
+    w.put(page);
+}
+
+result<page_table_editor::state> page_table_editor::state::decode(byte_reader& r,
+                                                                  guest_phys_addr root,
+                                                                  std::uint64_t max_bytes,
+                                                                  std::uint64_t address_limit) {
+  state s;
+  KILN_TRY_ASSIGN(s.root.value, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(s.pd_count, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(s.used_tables, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(s.max_tables, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(const auto n, r.get<std::uint32_t>());
+  const std::uint64_t max_tables = max_bytes / page_size;
+  if (s.root != root) return r.bad("page-table root");
+  if (s.max_tables != max_tables || s.used_tables > max_tables) return r.bad("page-table capacity");
+  // Checked before the multiplication below: pd_count <= 512, so it cannot overflow.
+  if (s.pd_count > entries_per_table || s.pd_count == 0 || s.pd_count * gib < address_limit)
+    return r.bad("page-table PD count");
+  if (n > s.used_tables) return r.bad("page-table free count");
+  const std::uint64_t first_free = root.value + (2 + s.pd_count) * page_size;
+  const std::uint64_t end = root.value + s.used_tables * page_size;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    KILN_TRY_ASSIGN(const auto page, r.get<std::uint64_t>());
+    if (page < first_free || page >= end || !is_aligned(page, page_size))
+      return r.bad("free page-table page");
+    s.free.push_back(page);
+  }
+  return s;
+}
+
 } // namespace kiln::memory::x86_64

@@ -4,6 +4,7 @@
 #include <kiln/memory/address.hpp>
 #include <kiln/memory/guest_memory.hpp>
 #include <kiln/memory/x86_64/page_tables.hpp>
+#include <kiln/support/byte_codec.hpp>
 #include <kiln/support/result.hpp>
 
 #include <cstdint>
@@ -38,6 +39,17 @@ public:
     std::uint64_t used_tables = 0;
     std::uint64_t max_tables = 0;
     std::vector<std::uint64_t> free; // table pages folded back, for reuse
+
+    /// Appends the state as a snapshot stores it: u64 root, u64 PD count, u64 used tables,
+    /// u64 max tables, u32 free count, then a u64 address per free table page.
+    void encode(byte_writer& w) const;
+    /// Reads what encode() wrote, checking it as the state of tables at `root` with `max_bytes`
+    /// of table room (as the editor was built with) that map at least [0, address_limit): the
+    /// root and capacity as given, used tables within the capacity, 1 to 512 PDs covering the
+    /// limit, and each free page a page-aligned table page past the fixed ones (PML4, PDPT,
+    /// PDs) and below the used ones. Errors: the reader's, naming the field.
+    static result<state> decode(byte_reader& r, guest_phys_addr root, std::uint64_t max_bytes,
+                                std::uint64_t address_limit);
   };
   /// Takes over tables described by `s` (restored in `mem` with the rest of guest memory).
   page_table_editor(guest_memory& mem, const state& s, bool use_nx);

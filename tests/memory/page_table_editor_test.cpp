@@ -614,5 +614,108 @@ TEST_F(PageTableEditorPool, ARedundantSetNeedsNoTableEvenWithAnEmptyPool) {
   expect_matches_model();
 }
 
+// Saving: the editor's bookkeeping encodes itself and decodes only inside its table area.
+
+const std::error_code corrupt = make_error_code(memory_errc::snapshot_corrupt);
+constexpr std::uint64_t max_tables = fixed::page_tables_max / page_size;
+
+std::vector<std::byte> encode_state(const page_table_editor::state& s) {
+  byte_writer w;
+  s.encode(w);
+  return w.take();
+}
+
+result<page_table_editor::state> decode_state(const std::vector<std::byte>& bytes,
+                                              std::uint64_t limit = 20 * mib) {
+  byte_reader r(bytes, corrupt, "page_tables section");
+  KILN_TRY_ASSIGN(auto s, page_table_editor::state::decode(r, fixed::page_tables,
+                                                           fixed::page_tables_max, limit));
+  KILN_TRY(r.done());
+  return s;
+}
+
+page_table_editor::state plausible_state() {
+  return {fixed::page_tables, 1, 9, max_tables, {tables_begin + 0x7000, tables_begin + 0x4000}};
+}
+
+TEST(PageTableEditorSave, RoundTripsTheBookkeeping) {
+  const auto s = plausible_state();
+  const auto bytes = encode_state(s);
+  EXPECT_EQ(bytes.size(), 4 * 8 + 4 + 2 * 8u);
+  auto back = decode_state(bytes);
+  ASSERT_TRUE(back) << back.err().message();
+  EXPECT_EQ(back->root, s.root);
+  EXPECT_EQ(back->pd_count, 1u);
+  EXPECT_EQ(back->used_tables, 9u);
+  EXPECT_EQ(back->max_tables, max_tables);
+  EXPECT_EQ(back->free, s.free);
+  EXPECT_EQ(encode_state(*back), bytes);
+}
+
+TEST_F(PageTableEditor, ASavedStateDecodesToAnEditorOfTheSameTables) {
+  build(/*nx=*/true);
+  ASSERT_TRUE(set(heap_start + 0x3000, page_size, prot_r)); // splits a 2 MiB leaf
+  ASSERT_TRUE(set(heap_start, chunk, prot_rw));             // folds it back: a free table
+  const auto saved = ed().save();
+  ASSERT_FALSE(saved.free.empty());
+  auto back = decode_state(encode_state(saved), mem().address_limit());
+  ASSERT_TRUE(back) << back.err().message();
+  page_table_editor again(mem(), *back, true);
+  EXPECT_EQ(again.tables_in_use(), ed().tables_in_use());
+  EXPECT_EQ(again.free_tables(), ed().free_tables());
+}
+
+void expect_refused(page_table_editor::state s, const std::string& field,
+                    std::uint64_t limit = 20 * mib) {
+  auto back = decode_state(encode_state(s), limit);
+  ASSERT_FALSE(back) << field << " was accepted";
+  EXPECT_EQ(back.code(), memory_errc::snapshot_corrupt);
+  EXPECT_NE(back.err().message().find("page_tables section: " + field), std::string::npos)
+      << back.err().message();
+}
+
+TEST(PageTableEditorSave, RefusesBookkeepingOutsideItsArea) {
+  auto s = plausible_state();
+  s.root = guest_phys_addr{0x20000};
+  expect_refused(s, "page-table root");
+  s = plausible_state();
+  s.max_tables = max_tables + 1;
+  expect_refused(s, "page-table capacity");
+  s = plausible_state();
+  s.used_tables = max_tables + 1;
+  expect_refused(s, "page-table capacity");
+  s = plausible_state();
+  s.pd_count = 0;
+  expect_refused(s, "page-table PD count");
+  s = plausible_state();
+  s.pd_count = 513;
+  expect_refused(s, "page-table PD count");
+  expect_refused(plausible_state(), "page-table PD count", (1ull << 30) + 4096);
+  s = plausible_state();
+  s.used_tables = 3;
+  s.free = {};
+  for (int i = 0; i < 4; ++i)
+    s.free.push_back(tables_begin + 0x3000);
+  expect_refused(s, "page-table free count");
+  for (std::uint64_t page :
+       {tables_begin, tables_begin + 0x2000, tables_begin + 0x9000, tables_begin + 0x4008}) {
+    s = plausible_state();
+    s.free = {page};
+    expect_refused(s, "free page-table page");
+  }
+}
+
+TEST(PageTableEditorSave, RefusesTruncatedOrTrailingBytes) {
+  const auto good = encode_state(plausible_state());
+  for (std::size_t cut = 0; cut < good.size(); ++cut) {
+    auto back = decode_state({good.begin(), good.begin() + static_cast<std::ptrdiff_t>(cut)});
+    ASSERT_FALSE(back) << cut;
+    EXPECT_EQ(back.code(), memory_errc::snapshot_corrupt);
+  }
+  auto trailing = good;
+  trailing.push_back(std::byte{0});
+  EXPECT_EQ(decode_state(trailing).err().detail, "page_tables section: trailing bytes");
+}
+
 } // namespace
 } // namespace kiln::memory::x86_64

@@ -4,7 +4,9 @@
 
 #include <gtest/gtest.h>
 
+#include <cstddef>
 #include <cstdint>
+#include <string>
 #include <vector>
 
 namespace kiln::memory {
@@ -360,6 +362,97 @@ TEST(ProtectionMap, AllAndAt) {
   protection_map empty;
   EXPECT_EQ(empty.at(guest_phys_addr{0}), protection::none);
   EXPECT_FALSE(empty.all(at_page(0), pg, protection::none));
+}
+
+// Saving: the map encodes itself and decodes only as the map of the regions it was built over.
+
+std::vector<region> owned_regions() {
+  return {
+      {"boot_info", region_kind::boot_info, at_page(1), pg, prot_r, true},
+      {"image.text", region_kind::image, at_page(256), 4 * pg, prot_rx, true},
+      {"heap", region_kind::heap, at_page(512), 16 * pg, prot_rw, true},
+  };
+}
+
+const std::error_code corrupt = make_error_code(memory_errc::snapshot_corrupt);
+
+result<protection_map> decode_bytes(const std::vector<std::byte>& bytes) {
+  byte_reader r(bytes, corrupt, "protection section");
+  KILN_TRY_ASSIGN(auto m, protection_map::decode(r, owned_regions()));
+  KILN_TRY(r.done());
+  return m;
+}
+
+std::vector<std::byte> encode_map(const protection_map& m) {
+  byte_writer w;
+  m.encode(w);
+  return w.take();
+}
+
+TEST(ProtectionMapSave, RoundTripsRangesAndCap) {
+  protection_map m(40);
+  ASSERT_TRUE(m.add(at_page(256), 4 * pg, prot_rx));
+  ASSERT_TRUE(m.add(at_page(512), 16 * pg, prot_rw));
+  ASSERT_TRUE(m.tighten(at_page(515), 2 * pg, prot_r));
+  const auto bytes = encode_map(m);
+  EXPECT_EQ(bytes.size(), 8u + 4 + 4 * 17) << "u64 cap, u32 count, four ranges";
+  auto back = decode_bytes(bytes);
+  ASSERT_TRUE(back) << back.err().message();
+  EXPECT_EQ(back->max_ranges(), 40u);
+  const auto want = m.list(), got = back->list();
+  ASSERT_EQ(got.size(), want.size());
+  for (std::size_t i = 0; i < want.size(); ++i) {
+    EXPECT_EQ(got[i].start, want[i].start);
+    EXPECT_EQ(got[i].size, want[i].size);
+    EXPECT_EQ(got[i].to, want[i].to);
+  }
+  EXPECT_EQ(encode_map(*back), bytes);
+}
+
+/// Decoding `bytes` fails with snapshot_corrupt, naming `field`.
+void expect_refused(const std::vector<std::byte>& bytes, const std::string& field) {
+  auto back = decode_bytes(bytes);
+  ASSERT_FALSE(back) << field << " was accepted";
+  EXPECT_EQ(back.code(), memory_errc::snapshot_corrupt);
+  EXPECT_NE(back.err().message().find("protection section: " + field), std::string::npos)
+      << back.err().message();
+}
+
+TEST(ProtectionMapSave, RefusesRangesTheRegionsDoNotAllow) {
+  protection_map wider(8);
+  ASSERT_TRUE(wider.add(at_page(256), 4 * pg, prot_rw | prot_rx));
+  expect_refused(encode_map(wider), "protection range outside the guest's memory or wider");
+  protection_map kilns(8);
+  ASSERT_TRUE(kilns.add(at_page(1), pg, prot_r));
+  expect_refused(encode_map(kilns), "protection range outside the guest's memory or wider");
+  protection_map past(8);
+  ASSERT_TRUE(past.add(at_page(512), 17 * pg, prot_rw));
+  expect_refused(encode_map(past), "protection range outside the guest's memory or wider");
+}
+
+TEST(ProtectionMapSave, RefusesDamagedBytes) {
+  protection_map m(8);
+  ASSERT_TRUE(m.add(at_page(512), 16 * pg, prot_rw));
+  const auto good = encode_map(m);
+  for (std::size_t cut = 0; cut < good.size(); ++cut)
+    expect_refused({good.begin(), good.begin() + static_cast<std::ptrdiff_t>(cut)}, "truncated");
+  auto bad_prot = good;
+  bad_prot.back() = std::byte{8};
+  expect_refused(bad_prot, "protection range");
+  auto over_cap = good;
+  over_cap[0] = std::byte{0};
+  expect_refused(over_cap, "too many protection ranges");
+  auto huge_cap = good;
+  huge_cap[2] = std::byte{2}; // 2^17 + 8
+  expect_refused(huge_cap, "too many protection ranges");
+  protection_map half(8);
+  ASSERT_TRUE(half.add(at_page(512), 8 * pg, prot_rw));
+  auto unaligned = encode_map(half);
+  unaligned[20] = std::byte{1}; // size 0x8001, inside the heap: add() refuses it
+  expect_refused(unaligned, "protection range: ");
+  auto trailing = good;
+  trailing.push_back(std::byte{0});
+  expect_refused(trailing, "trailing bytes");
 }
 
 } // namespace
