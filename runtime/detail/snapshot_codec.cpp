@@ -16,7 +16,6 @@
 namespace kiln::detail {
 namespace {
 
-using memory::guest_phys_addr;
 namespace tag = section_tag;
 namespace fixed = memory::fixed;
 
