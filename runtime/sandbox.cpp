@@ -232,10 +232,8 @@ result<value> sandbox::impl::run_until_ready() {
 sandbox::run_state sandbox::impl::resume() {
   using rs = sandbox::run_state;
   std::uint64_t faults = 0, major = 0;
-  if (!prefault_ws.empty() || !prefault_all.empty()) {
-    update_load_stats();
-    prefault_resident();
-  }
+  hear_load();
+  if (!to_prefault.empty()) prefault_resident();
   before_run(faults, major);
   for (;;) {
     step s = on_exit(cpu->run(), /*init=*/false);

@@ -1,15 +1,10 @@
 // Loading a sandbox from a snapshot file (eager, demand, prefetch) and recording the working set
 // that the prefetch reads first.
-#include <kiln/memory/load_plan.hpp>
-#include <kiln/memory/prefetch.hpp>
+#include <kiln/memory/snapshot_loader.hpp>
 #include <kiln/runtime/detail/prefetch_driver.hpp>
 #include <kiln/runtime/detail/sandbox_impl.hpp>
 
-#include <fmt/format.h>
-
-#include <fcntl.h>
 #include <sys/resource.h>
-#include <sys/stat.h>
 
 #include <algorithm>
 
@@ -40,69 +35,30 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   load_complete = false;
   if (o.mode == load_mode::demand) return {};
 
-  memory::load_plan plan =
-      memory::plan_load(*s.image, mem,
-                        o.mode == load_mode::eager ? std::span<const std::uint32_t>{}
-                                                   : std::span<const std::uint32_t>(s.working_set));
+  const bool eager = o.mode == load_mode::eager;
+  loader = memory::snapshot_loader::prepare(
+      s.image, mem, eager ? std::span<const std::uint32_t>{} : std::span(s.working_set),
+      /*track_ranges=*/cpu->kind() == vcpu::backend_kind::kvm); // see prefault_resident()
   memory::prefetch_options po;
   po.chunk_bytes = o.chunk_bytes;
   po.queue_depth = o.queue_depth;
   po.force_thread = !o.use_io_uring;
-  po.working_set_extents = plan.working_set_extents;
-  prefetch_image = s.image;
-  // A selective working-set phase reads through descriptors of its own, with the kernel's
-  // read-ahead off: a read of 256 KiB then reads 256 KiB, where the file's shared description
-  // would read up to the device's read-ahead window past it (8 MiB here), spending the disk on
-  // pages the working set does not need yet (lazy_load_bench, clustered working set on a disk
-  // throttled to 200 MiB/s: working set resident after 570 ms, for 24 MiB, 371 ms without). The
-  // pass in address order keeps read-ahead, which pipelines it (without: 182 ms for 256 MiB
-  // where it takes 51 ms).
-  prefetch_fds.clear();
-  for (const auto& layer : s.image->layers()) {
-    if (!layer->file() || plan.one_pass) continue;
-    unique_fd own(
-        ::open(fmt::format("/proc/self/fd/{}", layer->fd()).c_str(), O_RDONLY | O_CLOEXEC));
-    struct stat a {
-    }, b{};
-    if (!own || ::fstat(own.get(), &a) != 0 || ::fstat(layer->fd(), &b) != 0 ||
-        a.st_dev != b.st_dev || a.st_ino != b.st_ino)
-      continue; // no /proc: the shared description, read-ahead and all
-    ::posix_fadvise(own.get(), 0, 0, POSIX_FADV_RANDOM);
-    for (std::size_t i = 0; i < plan.working_set_extents; ++i)
-      if (plan.extents[i].fd == layer->fd()) plan.extents[i].fd = own.get();
-    prefetch_fds.push_back(std::move(own));
-  }
   prefetch_started = std::chrono::steady_clock::now();
-  if (cpu->kind() == vcpu::backend_kind::kvm) { // see prefault_resident()
-    const auto ws_end = plan.guest.begin() + static_cast<std::ptrdiff_t>(plan.working_set_extents);
-    prefault_ws.assign(plan.guest.begin(), ws_end);
-    prefault_all.assign(ws_end, plan.guest.end());
-  }
-  if (o.mode == load_mode::eager) {
-    // Everything in before the guest may run, driven on this thread.
-    KILN_TRY_ASSIGN(auto p, memory::prefetch::start(plan.extents, po));
-    p->wait();
-    const auto st = p->stats();
-    if (st.failure.code) return st.failure;
+  if (eager) { // everything in before the guest may run, read on this thread
+    KILN_TRY_ASSIGN(const auto st, loader->load_all(po));
     ls.io_uring = st.used_io_uring;
     ls.bytes_prefetched = st.bytes_read;
     ls.to_working_set = ls.to_everything = since(load_started);
     ls.working_set_resident = ls.everything_resident = true;
     load_complete = true;
+    to_prefault = loader->advance(st);
+    loader.reset();
     prefault_resident();
     return {};
   }
-  // While a selective working set leads, a guest fault reads only its page: the prefetch knows
-  // what the guest needs, and the kernel's read-around would spend the disk on pages around it
-  // (lazy_load_bench, clustered 24 MiB working set, disk throttled to 200 MiB/s: working set
-  // resident after 371 ms with read-around, 168 ms without; demand paging: 1,159 ms). A plan
-  // that is one pass keeps read-around: there the guest's faults read what the pass would
-  // (the scattered working set took 185 ms to everything without it, 88-120 ms with it).
-  if (!plan.one_pass) {
-    KILN_TRY(mem.set_read_around(false));
-    read_around_off = true;
-  }
-  KILN_TRY_ASSIGN(prefetcher, detail::prefetch_driver::start(std::move(ex), plan.extents, po));
+  KILN_TRY_ASSIGN(auto pf, loader->start(po));
+  KILN_TRY_ASSIGN(prefetcher, detail::prefetch_driver::drive(std::move(ex), std::move(pf)));
+  load_news = 0;
   return {};
 }
 
@@ -111,54 +67,44 @@ void sandbox::impl::cancel_loading() noexcept {
   prefetcher->cancel();
   update_load_stats();
   prefetcher.reset();
-  prefetch_fds.clear();
-  prefault_ws.clear(); // they were the old image's; nothing says what is resident now
-  prefault_all.clear();
-  prefetch_image.reset();
+  loader->stop();
+  loader.reset();
+  to_prefault.clear();  // they were the old image's; nothing says what is resident now
   load_complete = true; // nothing more will come in by itself
 }
 
 void sandbox::impl::update_load_stats() {
   if (!prefetcher || load_complete) return; // once complete, the figures are final
+  load_news = prefetcher->news(); // before the stats: a later milestone is heard next time
   const auto st = prefetcher->stats();
   auto& ls = stats.load;
   ls.io_uring = st.used_io_uring;
   ls.bytes_prefetched = st.bytes_read;
+  auto resident = loader->advance(st);
+  to_prefault.insert(to_prefault.end(), resident.begin(), resident.end());
+  const auto& progress = loader->progress();
   const auto offset =
       std::chrono::duration_cast<std::chrono::nanoseconds>(prefetch_started - load_started);
-  if (st.working_set_done && !ls.working_set_resident) {
+  if (progress.working_set_resident && !ls.working_set_resident) {
     ls.working_set_resident = true;
     ls.to_working_set =
         offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.working_set_time);
   }
-  if (st.done && !ls.everything_resident && !st.failure.code) {
+  if (progress.everything_resident && !ls.everything_resident) {
     ls.everything_resident = true;
     ls.to_everything = offset + std::chrono::duration_cast<std::chrono::nanoseconds>(st.total_time);
   }
-  if (st.done || st.cancelled) {
-    load_complete = true;
-    if (read_around_off) { // everything is in: faults after an eviction read around again
-      read_around_off = false;
-      (void)mem.set_read_around(true);
-    }
-  }
+  if (progress.ended) load_complete = true;
 }
 
 void sandbox::impl::prefault_resident() noexcept {
-  // Resident pages only: pre-faulting others would read them in here, synchronously.
-  auto& ls = stats.load;
-  auto run = [&](std::vector<memory::byte_range>& ranges) {
-    for (const auto& [lo, hi] : ranges) {
-      if (!cpu->prefault(guest_phys_addr{lo}, hi - lo)) break; // the guest faults them itself
-      ls.bytes_prefaulted += hi - lo;
-    }
-    ranges.clear();
-  };
-  if (!prefault_ws.empty() && ls.working_set_resident) run(prefault_ws);
-  if (!prefault_all.empty() && ls.everything_resident) {
-    run(prefault_ws);
-    run(prefault_all);
+  // Resident pages only (the loader hands ranges back once read): pre-faulting others would
+  // read them in here, synchronously.
+  for (const auto& [lo, hi] : to_prefault) {
+    if (!cpu->prefault(guest_phys_addr{lo}, hi - lo)) break; // the guest faults them itself
+    stats.load.bytes_prefaulted += hi - lo;
   }
+  to_prefault.clear();
 }
 
 void sandbox::impl::before_run(std::uint64_t& faults, std::uint64_t& major) const noexcept {
@@ -177,7 +123,7 @@ void sandbox::impl::after_run(std::uint64_t faults, std::uint64_t major, bool ca
     ls.faults += static_cast<std::uint64_t>(ru.ru_minflt + ru.ru_majflt) - faults;
     ls.major_faults += static_cast<std::uint64_t>(ru.ru_majflt) - major;
   }
-  update_load_stats();
+  hear_load();
   if (!call_ended) return;
   if (awaiting_first_result) {
     awaiting_first_result = false;

@@ -5,6 +5,7 @@
 #include <boost/asio/posix/stream_descriptor.hpp>
 #include <boost/asio/post.hpp>
 
+#include <atomic>
 #include <condition_variable>
 #include <cstdint>
 #include <optional>
@@ -25,6 +26,8 @@ struct prefetch_driver::state {
   bool ended = false;                   // under m: poll() said the prefetch ended
   bool cancelled = false;               // under m
   bool in_callback = false;             // under m: on_done is running on callback_thread
+  bool ws_heard = false;                // under m: the working-set milestone is counted
+  std::atomic<std::uint32_t> news{0};   // milestones reached (see prefetch_driver::news)
   std::thread::id callback_thread;
   // Executor mode only: touched on the executor (or, with no operation pending, where the
   // state dies). Owns a dup() of the prefetch's eventfd.
@@ -69,6 +72,16 @@ void finish(const state_ptr& st, std::unique_lock<std::mutex>& lk) {
 
 void step(const state_ptr& st);
 
+/// Under st->m, after a poll(): counts the milestones reached, so that the owner hears of them
+/// with one atomic load instead of asking for the stats.
+void count_milestones(prefetch_driver::state& st, bool ended) {
+  if (!st.ws_heard && (ended || st.pf->stats().working_set_done)) {
+    st.ws_heard = true;
+    st.news.fetch_add(1, std::memory_order_release);
+  }
+  if (ended) st.news.fetch_add(1, std::memory_order_release);
+}
+
 /// On the executor, under st->m: waits for the eventfd to become readable again.
 void arm(const state_ptr& st) {
   st->desc->async_wait(asio::posix::descriptor_base::wait_read,
@@ -81,7 +94,9 @@ void arm(const state_ptr& st) {
 void step(const state_ptr& st) {
   std::unique_lock lk(st->m);
   if (st->cancelled || st->ended) return; // cancel() woke the wait: let go of the state
-  if (!st->pf->poll()) return arm(st);
+  const bool ended = st->pf->poll();
+  count_milestones(*st, ended);
+  if (!ended) return arm(st);
   finish(st, lk);
 }
 
@@ -91,7 +106,9 @@ void run_thread(const state_ptr& st) {
     {
       std::unique_lock lk(st->m);
       if (st->cancelled || st->ended) return;
-      if (st->pf->poll()) return finish(st, lk);
+      const bool ended = st->pf->poll();
+      count_milestones(*st, ended);
+      if (ended) return finish(st, lk);
       fd = st->pf->notify_fd(); // the prefetch lives as long as the state
     }
     // cancel() sets `cancelled` under the lock and then signals the eventfd, so this wakes.
@@ -106,6 +123,12 @@ result<std::shared_ptr<prefetch_driver>>
 prefetch_driver::start(asio::any_io_executor ex, std::vector<memory::prefetch_extent> plan,
                        memory::prefetch_options options, done_handler on_done) {
   KILN_TRY_ASSIGN(auto pf, memory::prefetch::start(std::move(plan), options));
+  return drive(std::move(ex), std::move(pf), std::move(on_done));
+}
+
+result<std::shared_ptr<prefetch_driver>>
+prefetch_driver::drive(asio::any_io_executor ex, std::unique_ptr<memory::prefetch> pf,
+                       done_handler on_done) {
   auto st = std::make_shared<state>();
   st->pf = std::move(pf);
   st->on_done = std::move(on_done);
@@ -145,8 +168,11 @@ void prefetch_driver::cancel() noexcept {
     if (!st.cancelled) {
       st.cancelled = true;
       dropped = std::exchange(st.on_done, nullptr);
-      if (!st.ended) st.pf->cancel(); // waits for the reads in flight
-      wake(st.pf->notify_fd());       // a pending wait or the thread's ::poll lets go
+      if (!st.ended) {
+        st.pf->cancel();                                 // waits for the reads in flight
+        st.news.fetch_add(1, std::memory_order_release); // the end, by cancellation
+      }
+      wake(st.pf->notify_fd()); // a pending wait or the thread's ::poll lets go
     }
     st.cv.wait(lk,
                [&] { return !st.in_callback || st.callback_thread == std::this_thread::get_id(); });
@@ -166,6 +192,10 @@ void prefetch_driver::wait() {
   state& st = *state_;
   std::unique_lock lk(st.m);
   st.cv.wait(lk, [&] { return (st.ended || st.cancelled) && !st.in_callback; });
+}
+
+std::uint32_t prefetch_driver::news() const noexcept {
+  return state_->news.load(std::memory_order_acquire);
 }
 
 memory::prefetch_stats prefetch_driver::stats() const {

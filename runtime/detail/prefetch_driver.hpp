@@ -7,6 +7,7 @@
 
 #include <boost/asio/any_io_executor.hpp>
 
+#include <cstdint>
 #include <functional>
 #include <memory>
 #include <mutex>
@@ -40,6 +41,10 @@ public:
                                                         std::vector<memory::prefetch_extent> plan,
                                                         memory::prefetch_options options,
                                                         done_handler on_done = {});
+  /// The same for a prefetch already started (nothing submitted yet: memory::prefetch::start).
+  static result<std::shared_ptr<prefetch_driver>> drive(boost::asio::any_io_executor ex,
+                                                        std::unique_ptr<memory::prefetch> pf,
+                                                        done_handler on_done = {});
   ~prefetch_driver(); // cancel()
   prefetch_driver(const prefetch_driver&) = delete;
   prefetch_driver& operator=(const prefetch_driver&) = delete;
@@ -51,6 +56,11 @@ public:
   /// Blocks until the prefetch has ended (on_done, if any, has returned) or been cancelled.
   /// Not from the executor's own thread (nothing would drive the prefetch) nor from on_done.
   void wait();
+  /// How many milestones the prefetch has reached: the working set resident, the end (done,
+  /// failed or cancelled). It changes only then, so an owner that remembers the last value it
+  /// saw hears of each with one atomic load, and asks for stats() only when it changed.
+  /// Thread-safe, lock-free.
+  std::uint32_t news() const noexcept;
   /// A copy of the prefetch's statistics so far. Thread-safe.
   memory::prefetch_stats stats() const;
 

@@ -9,9 +9,11 @@
 #include <kiln/memory/host_file.hpp>
 #include <kiln/memory/layout.hpp>
 #include <kiln/memory/protection_map.hpp>
+#include <kiln/memory/snapshot_loader.hpp>
 #include <kiln/memory/touch_recorder.hpp>
 #include <kiln/memory/x86_64/page_table_editor.hpp>
 #include <kiln/runtime/detail/hypercall_table.hpp>
+#include <kiln/runtime/detail/prefetch_driver.hpp>
 #include <kiln/runtime/sandbox.hpp>
 
 #include <boost/asio/any_io_executor.hpp>
@@ -24,7 +26,6 @@
 #include <vector>
 
 namespace kiln::detail {
-class prefetch_driver;
 
 // What a hypercall or exit means for the call in progress.
 struct step {
@@ -193,17 +194,24 @@ struct sandbox::impl {
   };
   std::optional<recording> rec;
   std::optional<working_set> recorded; // a recording that ended, until stop_recording()
-  std::shared_ptr<const memory::snapshot_image> prefetch_image; // keeps its files open
-  std::vector<unique_fd> prefetch_fds; // the prefetch's own descriptors (read-ahead off)
+  // The load from a file: the loader (memory/) owns the plan, the reads' descriptors and the
+  // read-around policy; the driver runs its prefetch on the service thread. The loader is
+  // declared first, so that it outlives the reads the driver may still have in flight.
+  std::unique_ptr<memory::snapshot_loader> loader;
   std::shared_ptr<detail::prefetch_driver> prefetcher;
+  std::uint32_t load_news = 0; // prefetcher->news() when the sandbox last heard it
   std::chrono::steady_clock::time_point load_started, prefetch_started;
   bool awaiting_first_result = false;
-  bool load_complete = true;    // false while a file's pages are still coming in (or demand)
-  bool read_around_off = false; // guest faults read only their page while the prefetch leads
-  // Stage-2 pre-faulting (KVM): the guest ranges of the working set and of the whole file, each
-  // pre-faulted once it is resident, between runs.
-  std::vector<memory::byte_range> prefault_ws, prefault_all;
+  bool load_complete = true; // false while a file's pages are still coming in (or demand)
+  // Stage-2 pre-faulting (KVM): guest ranges the loader says are resident, pre-faulted between
+  // runs.
+  std::vector<memory::byte_range> to_prefault;
   void prefault_resident() noexcept;
+  /// Refreshes stats.load when the prefetch has reached a milestone since the sandbox last
+  /// heard: one atomic load otherwise.
+  void hear_load() {
+    if (prefetcher && !load_complete && prefetcher->news() != load_news) update_load_stats();
+  }
 
   result<void> start_loading(const detail::snapshot_state& s, boost::asio::any_io_executor ex);
   /// Stops a prefetch in progress (its stats are kept).

@@ -179,6 +179,35 @@ TEST(PrefetchDriver, RunsOnAnIoContextAndReportsOnce) {
   EXPECT_TRUE(f.content_ok());
 }
 
+TEST(PrefetchDriver, NewsChangesAtTheMilestonesOnly) {
+  // The working set resident, then the end: two pieces of news, each told once, on both ways of
+  // driving; a cancel after the end tells nothing new.
+  for (bool own_thread : {false, true}) {
+    SCOPED_TRACE(own_thread);
+    mapped_file f;
+    service svc;
+    auto d = prefetch_driver::start(own_thread ? asio::any_io_executor() : svc.executor(), f.plan(),
+                                    options());
+    ASSERT_TRUE(d) << d.err().message();
+    (*d)->wait();
+    EXPECT_EQ((*d)->news(), 2u);
+    (*d)->cancel();
+    EXPECT_EQ((*d)->news(), 2u);
+    svc.drain();
+  }
+}
+
+TEST(PrefetchDriver, ACancelledPrefetchIsNews) {
+  // On an io_context that never runs, nothing is read: the cancel is the end.
+  mapped_file f;
+  asio::io_context ctx;
+  auto d = prefetch_driver::start(ctx.get_executor(), f.plan(), options());
+  ASSERT_TRUE(d);
+  EXPECT_EQ((*d)->news(), 0u);
+  (*d)->cancel();
+  EXPECT_EQ((*d)->news(), 1u) << "an owner waiting for news hears that the load has ended";
+}
+
 TEST(PrefetchDriver, RunsOnItsOwnThreadAndReportsOnce) {
   for (bool force_thread : {false, true}) {
     SCOPED_TRACE(force_thread);
