@@ -144,6 +144,80 @@ result<void> write_zeros(int fd, std::uint64_t off, std::uint64_t len) {
   return {};
 }
 
+// ---- the three ways capture() stores RAM into its new layer ----------------------------------
+
+/// RAM not backed by an image (anonymous memory): pages never touched are zero, so only the
+/// pages present in host memory are read, less `cut`.
+result<void> store_present(int fd, const guest_memory& mem, std::span<const byte_range> cut) {
+  KILN_TRY_ASSIGN(auto present, mem.dirty_ranges());
+  for (const auto& [b, e] : present)
+    for (const auto& [lo, hi] : subtract(b, e, cut))
+      KILN_TRY(store_range(fd, mem, lo, hi, /*punch_zero=*/false));
+  return {};
+}
+
+/// A layer over `parent`'s: only what differs from the parent, that is the dirtied pages, and
+/// zeros where the parent has data that must now read as zero (a page the guest cleared, the
+/// I/O buffers and unreadable pages in `cut`...).
+result<void> store_difference(int fd, const guest_memory& mem, const snapshot_image& parent,
+                              std::span<const byte_range> cut) {
+  KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
+  for (const auto& [b, e] : dirty)
+    for (const auto& [lo, hi] : subtract(b, e, cut))
+      for (std::uint64_t p = lo; p < hi; p += page_size) {
+        // SAFETY: p is a host-readable RAM page (unreadable ranges were cut out).
+        const std::byte* host = mem.host_address_for_mapping(guest_phys_addr{p});
+        if (!all_zero(host, page_size))
+          KILN_TRY(write_all(fd, host, page_size, p));
+        else if (parent.layer_at(p))
+          KILN_TRY(write_zeros(fd, p, page_size));
+      }
+  for (const auto& [b, e] : cut)
+    for (std::uint64_t p = align_down(b, page_size); p < e; p += page_size)
+      if (parent.layer_at(p)) KILN_TRY(write_zeros(fd, p, page_size));
+  return {};
+}
+
+/// Copies extent `ext` of the bottom layer `from` into `to` at the same offsets, in the kernel
+/// (copy_file_range) where both files allow it.
+result<void> copy_bottom_extent(const snapshot_layer& from, const image_extent& ext, int to) {
+  loff_t in = static_cast<loff_t>(from.base() + ext.lo);
+  loff_t out = static_cast<loff_t>(ext.lo);
+  const auto in_end = static_cast<loff_t>(from.base() + ext.hi);
+  while (in < in_end) {
+    const ssize_t n =
+        ::copy_file_range(from.fd(), &in, to, &out, static_cast<std::size_t>(in_end - in), 0);
+    if (n < 0 && errno == EINTR) continue;
+    if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP)) {
+      // A .ksnap layer on another file system than the memfd: through user space.
+      return copy_nonzero(from, static_cast<std::uint64_t>(out), ext.hi, to);
+    }
+    if (n <= 0) return errno_error("copy_file_range snapshot image");
+  }
+  return {};
+}
+
+/// One flat layer with everything: `parent`'s extents, then the dirtied pages, `cut` punched.
+result<void> store_flat(int fd, const guest_memory& mem, const snapshot_image& parent,
+                        std::span<const byte_range> cut) {
+  // Layers above the first hold zero pages where they hide data below (see store_difference):
+  // those are copied page by page, so that the flat layer keeps zero pages as holes.
+  for (const auto& ext : parent.extents()) {
+    const auto& from_layer = *parent.layers()[ext.layer];
+    if (ext.layer != 0)
+      KILN_TRY(copy_nonzero(from_layer, ext.lo, ext.hi, fd));
+    else
+      KILN_TRY(copy_bottom_extent(from_layer, ext, fd));
+  }
+  KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
+  for (const auto& [b, e] : dirty)
+    for (const auto& [lo, hi] : subtract(b, e, cut))
+      KILN_TRY(store_range(fd, mem, lo, hi, /*punch_zero=*/true));
+  for (const auto& [b, e] : cut)
+    KILN_TRY(punch(fd, b, e - b));
+  return {};
+}
+
 } // namespace
 
 std::shared_ptr<const snapshot_image>
@@ -202,71 +276,20 @@ snapshot_image::capture(const guest_memory& mem, std::span<const byte_range> zer
   // then one flat layer with everything.
   const bool layered =
       parent && parent->layers_.size() < max_depth && parent->extents_.size() < max_extents;
-  auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
-  img->size_ = size;
-
-  if (!parent) {
-    // Anonymous RAM: pages never touched are zero, so only present pages are read.
-    KILN_TRY_ASSIGN(auto present, mem.dirty_ranges());
-    for (const auto& [b, e] : present)
-      for (const auto& [lo, hi] : subtract(b, e, cut))
-        KILN_TRY(store_range(fd, mem, lo, hi, /*punch_zero=*/false));
-  } else if (layered) {
-    // Only what differs from the parent: the dirtied pages, and zeros where the parent has
-    // data that must now read as zero (a page the guest cleared, the I/O buffers...).
-    KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
-    for (const auto& [b, e] : dirty)
-      for (const auto& [lo, hi] : subtract(b, e, cut))
-        for (std::uint64_t p = lo; p < hi; p += page_size) {
-          // SAFETY: p is a host-readable RAM page (unreadable ranges were cut out).
-          const std::byte* host = mem.host_address_for_mapping(guest_phys_addr{p});
-          if (!all_zero(host, page_size))
-            KILN_TRY(write_all(fd, host, page_size, p));
-          else if (parent->layer_at(p))
-            KILN_TRY(write_zeros(fd, p, page_size));
-        }
-    for (const auto& [b, e] : cut)
-      for (std::uint64_t p = align_down(b, page_size); p < e; p += page_size)
-        if (parent->layer_at(p)) KILN_TRY(write_zeros(fd, p, page_size));
-  } else {
-    // Flatten: the parent's extents copied in the kernel, then the dirtied pages. Layers above
-    // the first hold zero pages where they hide data below (see the layered case): those are
-    // copied page by page, so that the flat layer keeps zero pages as holes.
-    for (const auto& ext : parent->extents_) {
-      const auto& from_layer = *parent->layers_[ext.layer];
-      if (ext.layer != 0) {
-        KILN_TRY(copy_nonzero(from_layer, ext.lo, ext.hi, fd));
-        continue;
-      }
-      loff_t in = static_cast<loff_t>(from_layer.base() + ext.lo);
-      loff_t out = static_cast<loff_t>(ext.lo);
-      const int from = from_layer.fd();
-      const auto in_end = static_cast<loff_t>(from_layer.base() + ext.hi);
-      while (in < in_end) {
-        const ssize_t n =
-            ::copy_file_range(from, &in, fd, &out, static_cast<std::size_t>(in_end - in), 0);
-        if (n < 0 && errno == EINTR) continue;
-        if (n < 0 && (errno == EXDEV || errno == EINVAL || errno == EOPNOTSUPP)) {
-          // A .ksnap layer on another file system than the memfd: through user space.
-          KILN_TRY(copy_nonzero(from_layer, static_cast<std::uint64_t>(out), ext.hi, fd));
-          break;
-        }
-        if (n <= 0) return errno_error("copy_file_range snapshot image");
-      }
-    }
-    KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
-    for (const auto& [b, e] : dirty)
-      for (const auto& [lo, hi] : subtract(b, e, cut))
-        KILN_TRY(store_range(fd, mem, lo, hi, /*punch_zero=*/true));
-    for (const auto& [b, e] : cut)
-      KILN_TRY(punch(fd, b, e - b));
-  }
+  if (!parent)
+    KILN_TRY(store_present(fd, mem, cut));
+  else if (layered)
+    KILN_TRY(store_difference(fd, mem, *parent, cut));
+  else
+    KILN_TRY(store_flat(fd, mem, *parent, cut));
   if (::fcntl(fd, F_ADD_SEALS, F_SEAL_SHRINK | F_SEAL_GROW | F_SEAL_SEAL) != 0)
     return errno_error("fcntl(F_ADD_SEALS) snapshot image");
 
   KILN_TRY_ASSIGN(auto data, data_extents(fd, size));
   for (const auto& [b, e] : data)
     layer->data_bytes_ += e - b;
+  auto img = std::shared_ptr<snapshot_image>(new snapshot_image());
+  img->size_ = size;
   if (layered) img->layers_ = parent->layers_;
   img->layers_.push_back(std::move(layer));
   img->extents_ = overlay(layered ? parent->extents_ : std::vector<image_extent>{}, data,

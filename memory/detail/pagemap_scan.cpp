@@ -9,6 +9,7 @@
 
 #include <algorithm>
 #include <iterator>
+#include <optional>
 
 namespace kiln::memory::detail {
 namespace {
@@ -22,21 +23,8 @@ void append(range_list& out, std::uintptr_t lo, std::uintptr_t hi) {
     out.emplace_back(lo, hi);
 }
 
-} // namespace
-
-result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter filter) {
-  range_list out;
-  if (lo >= hi) return out;
-  unique_fd fd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
-  if (!fd) return errno_error("open /proc/self/pagemap");
-
-  page_region regions[256];
-  pm_scan_arg arg{};
-  arg.size = sizeof arg;
-  arg.start = lo;
-  arg.end = hi;
-  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
-  arg.vec_len = std::size(regions);
+/// Sets the PAGEMAP_SCAN categories that select `filter`'s pages.
+void set_categories(pm_scan_arg& arg, page_filter filter) {
   switch (filter) {
   case page_filter::resident:
     // Not mincore: a read of an untouched or discarded anonymous page maps the shared zero
@@ -58,58 +46,82 @@ result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter 
     arg.category_anyof_mask = page_is_file | page_is_pfnzero;
     break;
   }
+}
+
+/// `filter`'s pages of [lo, hi) by PAGEMAP_SCAN on `fd` (/proc/self/pagemap); nothing where the
+/// kernel has no PAGEMAP_SCAN (before Linux 6.7), even after a first part was scanned.
+std::optional<range_list> scan_by_ioctl(int fd, std::uintptr_t lo, std::uintptr_t hi,
+                                        page_filter filter) {
+  range_list out;
+  page_region regions[256];
+  pm_scan_arg arg{};
+  arg.size = sizeof arg;
+  arg.start = lo;
+  arg.end = hi;
+  arg.vec = reinterpret_cast<std::uintptr_t>(regions);
+  arg.vec_len = std::size(regions);
+  set_categories(arg, filter);
   arg.return_mask = page_is_present;
-  bool scanned = true;
   for (;;) {
-    const int n = ::ioctl(fd.get(), pagemap_scan_request, &arg);
-    if (n < 0) {
-      scanned = false; // no PAGEMAP_SCAN (before Linux 6.7)
-      break;
-    }
+    const int n = ::ioctl(fd, pagemap_scan_request, &arg);
+    if (n < 0) return std::nullopt;
     for (int i = 0; i < n; ++i)
       append(out, regions[i].start, regions[i].end);
-    if (arg.walk_end >= hi) break;
+    if (arg.walk_end >= hi) return out;
     arg.start = arg.walk_end;
   }
-  if (scanned) return out;
+}
 
-  out.clear();
-  constexpr std::uint64_t present = 1ull << 63, file_or_shared = 1ull << 61, exclusive = 1ull << 56;
+// The bits of a /proc/self/pagemap entry that the fallback reads.
+constexpr std::uint64_t pm_present = 1ull << 63, pm_file_or_shared = 1ull << 61,
+                        pm_exclusive = 1ull << 56;
+
+/// Whether a /proc/self/pagemap entry is one of `filter`'s pages, as far as the entry tells.
+bool entry_matches(std::uint64_t e, page_filter filter) {
+  switch (filter) {
+  case page_filter::resident:
+    return (e & (pm_present | pm_exclusive)) == (pm_present | pm_exclusive);
+  case page_filter::private_:
+    return (e & (pm_present | pm_file_or_shared | pm_exclusive)) == (pm_present | pm_exclusive);
+  case page_filter::touched:
+    return (e & pm_present) != 0;
+  case page_filter::clean:
+    return (e & (pm_present | pm_file_or_shared)) == (pm_present | pm_file_or_shared);
+  }
+  return false;
+}
+
+/// `filter`'s pages of [lo, hi) from the /proc/self/pagemap entries on `fd`, 8 bytes a page.
+result<range_list> scan_by_read(int fd, std::uintptr_t lo, std::uintptr_t hi, page_filter filter) {
+  range_list out;
   std::vector<std::uint64_t> entries(4096);
   const std::uint64_t first = lo / page_size;
   for (std::uint64_t done = 0, total = (hi - lo) / page_size; done < total;) {
     const std::uint64_t n = std::min<std::uint64_t>(entries.size(), total - done);
     const auto want = static_cast<ssize_t>(n * sizeof(std::uint64_t));
-    const ssize_t got = ::pread(fd.get(), entries.data(), static_cast<std::size_t>(want),
+    const ssize_t got = ::pread(fd, entries.data(), static_cast<std::size_t>(want),
                                 static_cast<off_t>((first + done) * sizeof(std::uint64_t)));
     if (got != want)
       return got < 0 ? errno_error("read /proc/self/pagemap")
                      : error(memory_errc::out_of_bounds, "short pagemap read");
-    for (std::uint64_t i = 0; i < n; ++i) {
-      const std::uint64_t e = entries[i];
-      bool match = false;
-      switch (filter) {
-      case page_filter::resident:
-        match = (e & (present | exclusive)) == (present | exclusive);
-        break;
-      case page_filter::private_:
-        match = (e & (present | file_or_shared | exclusive)) == (present | exclusive);
-        break;
-      case page_filter::touched:
-        match = (e & present) != 0;
-        break;
-      case page_filter::clean:
-        match = (e & (present | file_or_shared)) == (present | file_or_shared);
-        break;
-      }
-      if (match) {
+    for (std::uint64_t i = 0; i < n; ++i)
+      if (entry_matches(entries[i], filter)) {
         const std::uintptr_t at = lo + (done + i) * page_size;
         append(out, at, at + page_size);
       }
-    }
     done += n;
   }
   return out;
+}
+
+} // namespace
+
+result<range_list> scan_pages(std::uintptr_t lo, std::uintptr_t hi, page_filter filter) {
+  if (lo >= hi) return range_list{};
+  unique_fd fd(::open("/proc/self/pagemap", O_RDONLY | O_CLOEXEC));
+  if (!fd) return errno_error("open /proc/self/pagemap");
+  if (auto scanned = scan_by_ioctl(fd.get(), lo, hi, filter)) return std::move(*scanned);
+  return scan_by_read(fd.get(), lo, hi, filter);
 }
 
 } // namespace kiln::memory::detail
