@@ -12,6 +12,7 @@
 #include <cstdint>
 #include <cstring>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <type_traits>
@@ -186,6 +187,16 @@ public:
   bool owns_host_address(const void* p) const noexcept {
     auto* b = static_cast<const std::byte*>(p);
     return b >= mapping_.data() && b < mapping_.data() + address_limit();
+  }
+
+  /// The guest-physical address that host address `p` maps (RAM or the file room), or nothing
+  /// when `p` is outside this guest's reservation: for reports about a host fault, such as a
+  /// mapped file's page that was truncated away. The one place host pointers become guest
+  /// addresses.
+  std::optional<guest_phys_addr> guest_address_of(const void* p) const noexcept {
+    if (!owns_host_address(p)) return std::nullopt;
+    return guest_phys_addr{
+        static_cast<std::uint64_t>(static_cast<const std::byte*>(p) - mapping_.data())};
   }
 
   /// The host address of guest-physical `a` for handing a region to a hypervisor (KVM memslot,

@@ -265,18 +265,16 @@ std::optional<error> sandbox::impl::name_memory_fault(std::uint64_t addr, bool w
 }
 
 std::optional<error> sandbox::impl::lost_file_pages() {
+  // Where the first lost page was, if a fault handler saw one (0: none did), as a guest address.
   const std::uintptr_t host = file_faults.first_lost.load(std::memory_order_acquire);
+  const auto lost = mem.guest_address_of(reinterpret_cast<const void*>(host));
   for (const auto& f : files) {
-    const auto* lo = mem.host_address_for_mapping(f->addr);
-    const bool hit = host != 0 && reinterpret_cast<const std::byte*>(host) >= lo &&
-                     reinterpret_cast<const std::byte*>(host) < lo + f->mapped_size;
+    const bool hit = lost && *lost >= f->addr && lost->value < f->addr.value + f->mapped_size;
     auto now = f->file.current_size();
     const bool shrank = now && *now < f->file.identity().size;
     if (hit || (host == 0 && shrank)) {
-      std::string where =
-          hit ? fmt::format("page {:#x} is gone",
-                            f->addr.value + (reinterpret_cast<const std::byte*>(host) - lo))
-              : fmt::format("it is now {} bytes", now ? *now : 0);
+      std::string where = hit ? fmt::format("page {:#x} is gone", lost->value)
+                              : fmt::format("it is now {} bytes", now ? *now : 0);
       return error(errc::memory_violation,
                    fmt::format("mapped file '{}' ({}) was truncated from {} bytes after it was "
                                "mapped: {}",
@@ -293,13 +291,11 @@ std::optional<error> sandbox::impl::lost_file_pages() {
                                shrunk->size_now, shrunk->data_end,
                                file ? " (" + file->path + ")" : std::string()));
     }
-  const auto* ram = mem.host_address_for_mapping(guest_phys_addr{0});
-  const auto* lost = reinterpret_cast<const std::byte*>(host);
-  if (host != 0 && lost >= ram && lost < ram + mem.size())
+  if (lost && lost->value < mem.size())
     return error(errc::memory_violation,
                  fmt::format("the snapshot file backing guest memory was truncated: page {:#x} "
                              "is gone{}",
-                             lost - ram,
+                             lost->value,
                              base && !base->source.empty() ? " (" + base->source + ")" : ""));
   if (host != 0) return error(errc::memory_violation, "a mapped file lost pages under the guest");
   return std::nullopt;

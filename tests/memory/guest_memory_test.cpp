@@ -275,6 +275,21 @@ TEST(GuestMemoryCreate, AFileRoomExtendsTheAddressLimit) {
       roomy->owns_host_address(roomy->host_address_for_mapping(guest_phys_addr{20 * mib})));
 }
 
+TEST(GuestMemoryCreate, HostAddressesTurnBackIntoGuestAddressesInsideTheReservationOnly) {
+  auto m = guest_memory::create(16 * mib, 4 * mib);
+  ASSERT_TRUE(m);
+  for (std::uint64_t a : {std::uint64_t{0}, 5 * mib + 123, 16 * mib, 20 * mib - 1}) {
+    const auto back = m->guest_address_of(m->host_address_for_mapping(guest_phys_addr{a}));
+    ASSERT_TRUE(back) << a;
+    EXPECT_EQ(back->value, a);
+  }
+  EXPECT_FALSE(m->guest_address_of(m->host_address_for_mapping(guest_phys_addr{20 * mib})));
+  EXPECT_FALSE(m->guest_address_of(m->host_address_for_mapping(guest_phys_addr{0}) - 1));
+  EXPECT_FALSE(m->guest_address_of(nullptr));
+  int on_the_stack = 0;
+  EXPECT_FALSE(m->guest_address_of(&on_the_stack));
+}
+
 TEST(GuestMemoryCreate, RejectsBadFileRooms) {
   for (std::uint64_t room : {page_size, mib, 2 * mib + page_size, fixed::max_file_room + 2 * mib})
     EXPECT_EQ(guest_memory::create(16 * mib, room).code(), memory_errc::bad_size) << room;
