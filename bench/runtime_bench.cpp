@@ -322,11 +322,11 @@ void bench_fairness(const std::string& b, const kiln::sandbox_config& calc,
     // spinner's worker, as Asio wants a slot used from one thread.)
     const auto deadline = 2s + o.samples * slice * 4;
     asio::post(spinner.get_executor(), [&] {
-      spinner.async_call(
-          "spin", {}, {.timeout = deadline},
-          asio::bind_cancellation_slot(cancel_spin.slot(), [&](kiln::error_code ec, kiln::value) {
-            spin_done.set_value(ec);
-          }));
+      spinner.async_call("spin", {}, {.timeout = deadline},
+                         asio::bind_cancellation_slot(cancel_spin.slot(),
+                                                      [&](kiln::error_code ec, const kiln::value&) {
+                                                        spin_done.set_value(ec);
+                                                      }));
     });
     auto spin = spin_done.get_future();
     std::this_thread::sleep_for(2 * slice); // the spinner is in the guest now

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# Runs clang-tidy (.clang-tidy) over kiln's own sources: the library, the CLI and the examples
-# (tests, benches and fuzzers are left out: they compile against the same headers, which are
-# checked here). Needs a configured build directory for compile_commands.json.
+# Runs clang-tidy (.clang-tidy) over kiln's own sources: the library, the CLI, the examples and
+# the benchmarks (tests and fuzzers are left out: they compile against the same headers, which
+# are checked here). Needs a configured build directory for compile_commands.json.
 #   scripts/check-tidy.sh [BUILD_DIR]      # default: build
 # Exit status 1 when any check fires (.clang-tidy makes every warning an error).
 set -euo pipefail
@@ -17,7 +17,7 @@ if [[ -z "$tidy" ]]; then
   exit 2
 fi
 mapfile -t files < <(git ls-files 'support/*.cpp' 'memory/*.cpp' 'vcpu/*.cpp' 'runtime/*.cpp' \
-  'tools/*.cpp' 'examples/*.cpp')
+  'tools/*.cpp' 'examples/*.cpp' 'bench/*.cpp')
 jobs=$(nproc)
 log=$(mktemp)
 trap 'rm -f "$log"' EXIT
