@@ -41,63 +41,6 @@ const char* rights(protection p) {
   }
 }
 
-using file_slots = std::vector<std::unique_ptr<detail::mapped_file_slot>>;
-
-/// The guest's name for the file `request` maps (its own, or the path's last component), checked
-/// against the file table's limits and the names already mapped.
-result<std::string> mapped_file_name(const file_mapping& request, const file_slots& files) {
-  std::string name = request.name;
-  if (name.empty()) {
-    const auto slash = request.path.find_last_of('/');
-    name = slash == std::string::npos ? request.path : request.path.substr(slash + 1);
-  }
-  if (name.empty() || name.size() >= KILN_FILE_NAME_MAX || name.find('\0') != std::string::npos)
-    return error(memory::memory_errc::file_name_invalid,
-                 fmt::format("'{}': 1..{} bytes, no NUL", name, KILN_FILE_NAME_MAX - 1));
-  for (const auto& f : files)
-    if (f->name == name)
-      return error(memory::memory_errc::file_name_invalid, "'" + name + "' is already mapped");
-  if (files.size() >= fixed::max_files)
-    return error(memory::memory_errc::too_many_ranges,
-                 fmt::format("at most {} files per sandbox", fixed::max_files));
-  return name;
-}
-
-/// Where in the file room [room_lo, room_hi) a file of `size` bytes goes: at the address the
-/// caller asked for, checked, or else the first fit at a 2 MiB boundary, so that most of the file
-/// gets 2 MiB page-table leaves.
-result<std::uint64_t> place_mapped_file(const file_mapping& request, std::uint64_t size,
-                                        std::uint64_t room_lo, std::uint64_t room_hi,
-                                        const file_slots& files) {
-  if (const std::uint64_t at = request.guest_address; at != 0) {
-    std::uint64_t end = 0;
-    if (!memory::is_aligned(at, memory::page_size))
-      return error(memory::memory_errc::unaligned, "guest address of a mapped file");
-    if (at < room_lo || __builtin_add_overflow(at, size, &end) || end > room_hi)
-      return error(memory::memory_errc::out_of_bounds,
-                   fmt::format("[{:#x}, +{:#x}) is outside the file room [{:#x}, {:#x})", at, size,
-                               room_lo, room_hi));
-    for (const auto& f : files)
-      if (at < f->addr.value + f->mapped_size && f->addr.value < end)
-        return error(memory::memory_errc::overlapping_region,
-                     fmt::format("[{:#x}, +{:#x}) overlaps mapped file '{}'", at, size, f->name));
-    return at;
-  }
-  std::vector<std::pair<std::uint64_t, std::uint64_t>> used;
-  for (const auto& f : files)
-    used.emplace_back(f->addr.value, f->addr.value + f->mapped_size);
-  std::sort(used.begin(), used.end());
-  std::uint64_t candidate = memory::align_up(room_lo, memory::large_page_size);
-  for (const auto& [lo, hi] : used) {
-    if (candidate + size <= lo) break;
-    candidate = std::max(candidate, memory::align_up(hi, memory::large_page_size));
-  }
-  if (candidate > room_hi || room_hi - candidate < size)
-    return error(memory::memory_errc::file_too_large,
-                 fmt::format("no free {} bytes in the file room for {}", size, request.path));
-  return candidate;
-}
-
 } // namespace
 
 result<void> sandbox::impl::init_memory(const memory::x86_64::page_table_image& img, bool nx) {
@@ -236,13 +179,11 @@ std::optional<error> sandbox::impl::name_memory_fault(std::uint64_t addr, bool w
                                                       std::uint64_t rip) const {
   const char* access = fetch ? "execute" : write ? "write" : "read";
   const memory::region* r = mem.find(guest_phys_addr{addr});
-  if (r && r->kind == memory::region_kind::file) {
-    for (const auto& f : files)
-      if (f->addr == r->start)
-        return error(errc::memory_violation,
-                     fmt::format("{} at {:#x} in read-only mapped file '{}' (rip {:#x})", access,
-                                 addr, f->name, rip));
-  }
+  if (r && r->kind == memory::region_kind::file)
+    if (const memory::mapped_file* f = files.containing(guest_phys_addr{addr}))
+      return error(errc::memory_violation,
+                   fmt::format("{} at {:#x} in read-only mapped file '{}' (rip {:#x})", access,
+                               addr, f->name, rip));
   // Data is never executable: NX in the page tables on KVM, the region's rights on the emulated
   // backend; both say so in the same words.
   if (fetch && r && r->guest_visible && r->kind != memory::region_kind::file &&
@@ -268,8 +209,9 @@ std::optional<error> sandbox::impl::lost_file_pages() {
   // Where the first lost page was, if a fault handler saw one (0: none did), as a guest address.
   const std::uintptr_t host = file_faults.first_lost.load(std::memory_order_acquire);
   const auto lost = mem.guest_address_of(reinterpret_cast<const void*>(host));
+  const memory::mapped_file* holder = lost ? files.containing(*lost) : nullptr;
   for (const auto& f : files) {
-    const bool hit = lost && *lost >= f->addr && lost->value < f->addr.value + f->mapped_size;
+    const bool hit = holder == f.get();
     auto now = f->file.current_size();
     const bool shrank = now && *now < f->file.identity().size;
     if (hit || (host == 0 && shrank)) {
@@ -302,12 +244,7 @@ std::optional<error> sandbox::impl::lost_file_pages() {
 }
 
 result<void> sandbox::impl::write_file_table() {
-  std::vector<kiln_file_entry> table(files.size());
-  for (std::size_t i = 0; i < files.size(); ++i) {
-    std::memcpy(table[i].name, files[i]->name.data(), files[i]->name.size()); // NUL from {}
-    table[i].addr = files[i]->addr.value;
-    table[i].size = files[i]->file.identity().size;
-  }
+  const auto table = files.table();
   KILN_TRY(mem.write(fixed::boot_info + fixed::file_table_offset, std::as_bytes(std::span(table))));
   const std::uint64_t count = files.size();
   return mem.write_object(fixed::boot_info + offsetof(kiln_boot_info, file_count), count);
@@ -316,7 +253,7 @@ result<void> sandbox::impl::write_file_table() {
 result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
   if (calling) return error(errc::not_ready, "files are mapped between calls");
   if (is_poisoned) return error(errc::poisoned, poison.message());
-  KILN_TRY_ASSIGN(std::string name, mapped_file_name(request, files));
+  KILN_TRY_ASSIGN(std::string name, files.name_for(request.path, request.name));
   KILN_TRY_ASSIGN(auto file, memory::host_file::open(request.path));
   const std::uint64_t size = memory::align_up(file.identity().size, memory::page_size);
   const std::uint64_t room_lo = mem.size(), room_hi = mem.address_limit();
@@ -324,12 +261,11 @@ result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
     return error(memory::memory_errc::file_too_large,
                  fmt::format("{} is {} bytes; the file room holds {}", request.path,
                              file.identity().size, room_hi - room_lo));
-  KILN_TRY_ASSIGN(const std::uint64_t at,
-                  place_mapped_file(request, size, room_lo, room_hi, files));
+  KILN_TRY_ASSIGN(const guest_phys_addr addr,
+                  files.place(request.guest_address, size, room_lo, room_hi, request.path));
 
-  const guest_phys_addr addr{at};
-  auto slot = std::make_unique<detail::mapped_file_slot>(
-      detail::mapped_file_slot{name, std::move(file), addr, size, {}});
+  auto slot = std::make_unique<memory::mapped_file>(
+      memory::mapped_file{name, std::move(file), addr, size, {}});
   KILN_TRY(mem.map_file(addr, size, slot->file.fd()));
   // From here on, undo what was done if a later step fails.
   auto undo = [&](error e) -> error {
@@ -349,10 +285,10 @@ result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
       memory::file_fault_watch::create(mem.host_address_for_mapping(addr), size, &file_faults);
   if (!watch) return undo(std::move(watch).err());
   slot->watch = std::move(*watch);
-  mapped_file_info info{name, slot->file.identity().path, at, slot->file.identity().size};
-  files.push_back(std::move(slot));
+  mapped_file_info info{name, slot->file.identity().path, addr.value, slot->file.identity().size};
+  files.add(std::move(slot));
   if (auto r = write_file_table(); !r) {
-    files.pop_back();
+    (void)files.take(name);
     return undo(std::move(r).err());
   }
   ++mstats.files_mapped;
@@ -361,11 +297,8 @@ result<mapped_file_info> sandbox::impl::map_file(const file_mapping& request) {
 
 result<void> sandbox::impl::unmap_file(std::string_view name) {
   if (calling) return error(errc::not_ready, "files are unmapped between calls");
-  auto it =
-      std::find_if(files.begin(), files.end(), [&](const auto& f) { return f->name == name; });
-  if (it == files.end()) return error(memory::memory_errc::file_not_mapped, std::string(name));
-  std::unique_ptr<detail::mapped_file_slot> slot = std::move(*it);
-  files.erase(it);
+  std::unique_ptr<memory::mapped_file> slot = files.take(name);
+  if (!slot) return error(memory::memory_errc::file_not_mapped, std::string(name));
   // The guest stops seeing it first (table, backend, page tables), then the host mapping goes.
   KILN_TRY(write_file_table());
   KILN_TRY(mem.remove_region(slot->addr));

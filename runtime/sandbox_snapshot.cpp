@@ -255,7 +255,7 @@ result<void> sandbox::impl::watch_image() {
 result<void> sandbox::impl::sync_files(const detail::snapshot_state& s) {
   // Unmap what the snapshot does not have (or has elsewhere), then map what is missing.
   for (std::size_t i = files.size(); i-- > 0;) {
-    const auto& f = *files[i];
+    const auto& f = files[i];
     const bool keep = std::any_of(s.files.begin(), s.files.end(), [&](const auto& sf) {
       return sf.name == f.name && sf.addr == f.addr &&
              sf.identity.inode == f.file.identity().inode &&
@@ -264,10 +264,9 @@ result<void> sandbox::impl::sync_files(const detail::snapshot_state& s) {
     if (!keep) KILN_TRY(unmap_file(f.name));
   }
   for (const auto& sf : s.files) {
-    if (std::any_of(files.begin(), files.end(), [&](const auto& f) { return f->name == sf.name; }))
-      continue;
+    if (files.find(sf.name)) continue;
     KILN_TRY_ASSIGN(auto info, map_file({sf.identity.path, sf.name, sf.addr.value}));
-    const auto& now = files.back()->file.identity();
+    const auto& now = files.back().file.identity();
     if (now.device != sf.identity.device || now.inode != sf.identity.inode ||
         now.size != sf.identity.size || now.mtime_ns != sf.identity.mtime_ns) {
       (void)unmap_file(sf.name);

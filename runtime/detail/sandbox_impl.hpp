@@ -8,6 +8,7 @@
 #include <kiln/memory/guest_memory.hpp>
 #include <kiln/memory/host_file.hpp>
 #include <kiln/memory/layout.hpp>
+#include <kiln/memory/mapped_files.hpp>
 #include <kiln/memory/protection_map.hpp>
 #include <kiln/memory/snapshot_loader.hpp>
 #include <kiln/memory/touch_recorder.hpp>
@@ -41,14 +42,6 @@ struct step {
 };
 
 /// One host file mapped into the guest.
-struct mapped_file_slot {
-  std::string name;
-  memory::host_file file;
-  memory::guest_phys_addr addr;
-  std::uint64_t mapped_size = 0; // page-rounded
-  memory::file_fault_watch watch;
-};
-
 /// The host mapping's protection of a RAM page whose guest rights are `p` in region `r`: a page
 /// keeps the host's read-write until the guest first tightens it, then follows its rights (exec
 /// is the guest's business).
@@ -118,7 +111,7 @@ struct sandbox::impl {
   memory::protection_map prot;                             // the guest-owned pages' rights
   std::optional<memory::x86_64::page_table_editor> tables; // the live page tables
   memory::file_fault_state file_faults;                    // outlives the watches in `files`
-  std::vector<std::unique_ptr<detail::mapped_file_slot>> files;
+  memory::mapped_files files;
   /// Watches RAM while it maps a snapshot file (.ksnap) that could be truncated under it.
   memory::file_fault_watch image_watch;
   memory_stats mstats;
