@@ -41,6 +41,35 @@ const char* to_string(region_kind k) noexcept {
   return "?";
 }
 
+std::optional<region> kiln_region(region_kind k, const layout& l, std::uint64_t stack_size) {
+  using k_ = region_kind;
+  auto at = [k](guest_phys_addr start, std::uint64_t size, protection prot, bool visible) {
+    return region{to_string(k), k, start, size, prot, visible};
+  };
+  switch (k) {
+  case k_::boot_info:
+    return at(fixed::boot_info, fixed::boot_info_size, prot_r, true);
+  case k_::system_tables:
+    return at(fixed::system_tables, fixed::system_tables_size, prot_r, true);
+  case k_::page_tables:
+    return at(fixed::page_tables, fixed::page_tables_max, prot_r, false);
+  case k_::ist_stack:
+    return at(fixed::ist_stack, fixed::ist_stack_size, prot_rw, true);
+  case k_::io_in:
+    return at(fixed::io_in, fixed::io_buffer_size, prot_rw, true);
+  case k_::io_out:
+    return at(fixed::io_out, fixed::io_buffer_size, prot_rw, true);
+  case k_::heap:
+    return at(l.heap_start, l.heap_size, prot_rw, true);
+  case k_::stack:
+    return at(l.stack_bottom, stack_size, prot_rw, true);
+  case k_::image:
+  case k_::file:
+    return std::nullopt;
+  }
+  return std::nullopt;
+}
+
 result<guest_memory> guest_memory::create(std::uint64_t size, std::uint64_t file_room) {
   if (size < fixed::min_memory || size > fixed::max_memory || !is_aligned(size, page_size))
     return error(memory_errc::bad_size, "guest memory size must be page-aligned, 4 MiB..64 GiB");

@@ -3,6 +3,7 @@
 
 #include <kiln/memory/address.hpp>
 #include <kiln/memory/host_mapping.hpp>
+#include <kiln/memory/layout.hpp>
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/snapshot_image.hpp>
 #include <kiln/memory/touch_recorder.hpp>
@@ -75,6 +76,12 @@ struct region {
   guest_phys_addr end() const { return start + size; }
   bool contains(guest_phys_addr a) const { return a >= start && a < end(); }
 };
+
+/// The region of kind `k` as kiln puts it in a guest laid out as `l` with a stack of
+/// `stack_size` bytes: where, how large, with which rights, named for its kind. The fixed low
+/// regions, the page tables (not guest-visible), heap and stack; nothing for image and file
+/// regions, which have no one place. Building a sandbox and checking a saved one both go by it.
+std::optional<region> kiln_region(region_kind k, const layout& l, std::uint64_t stack_size);
 
 /// All of one sandbox's guest memory: guest-physical [0, size()) is the guest's RAM, backed by
 /// one private anonymous host mapping; [size(), address_limit()) is the file room, reserved

@@ -67,27 +67,10 @@ bool where_kiln_puts_it(const region& reg, const saved_layout& l) {
            end <= l.plan.image_end.value &&
            !(has(reg.prot, protection::write) && has(reg.prot, protection::exec));
   }
-  struct fixed_region {
-    k kind;
-    std::uint64_t start, size;
-    protection prot;
-    bool visible;
-  };
-  const fixed_region expected[] = {
-      {k::boot_info, fixed::boot_info.value, fixed::boot_info_size, prot_r, true},
-      {k::system_tables, fixed::system_tables.value, fixed::system_tables_size, prot_r, true},
-      {k::page_tables, fixed::page_tables.value, fixed::page_tables_max, prot_r, false},
-      {k::ist_stack, fixed::ist_stack.value, fixed::ist_stack_size, prot_rw, true},
-      {k::io_in, fixed::io_in.value, fixed::io_buffer_size, prot_rw, true},
-      {k::io_out, fixed::io_out.value, fixed::io_buffer_size, prot_rw, true},
-      {k::heap, l.plan.heap_start.value, l.plan.heap_size, prot_rw, true},
-      {k::stack, l.plan.stack_bottom.value, l.stack_size, prot_rw, true},
-  };
-  for (const auto& e : expected)
-    if (e.kind == reg.kind)
-      return reg.start.value == e.start && reg.size == e.size && reg.prot == e.prot &&
-             reg.guest_visible == e.visible;
-  return false; // a file region: files are not RAM regions
+  const auto e = kiln_region(reg.kind, l.plan, l.stack_size);
+  if (!e) return false; // a file region: files are not RAM regions
+  return reg.start == e->start && reg.size == e->size && reg.prot == e->prot &&
+         reg.guest_visible == e->guest_visible;
 }
 
 } // namespace

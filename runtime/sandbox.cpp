@@ -65,23 +65,17 @@ const char* access_name(vcpu::access_kind a) {
 } // namespace
 
 result<void> sandbox::impl::build(const memory::elf_image& image) {
-  using memory::region;
   using memory::region_kind;
-  KILN_TRY(mem.add_region(region{"boot_info", region_kind::boot_info, fixed::boot_info,
-                                 fixed::boot_info_size, memory::prot_r, true}));
-  KILN_TRY(mem.add_region(region{"system_tables", region_kind::system_tables, fixed::system_tables,
-                                 fixed::system_tables_size, memory::prot_r, true}));
-  KILN_TRY(mem.add_region(region{"ist_stack", region_kind::ist_stack, fixed::ist_stack,
-                                 fixed::ist_stack_size, memory::prot_rw, true}));
-  KILN_TRY(mem.add_region(region{"io_in", region_kind::io_in, fixed::io_in, fixed::io_buffer_size,
-                                 memory::prot_rw, true}));
-  KILN_TRY(mem.add_region(region{"io_out", region_kind::io_out, fixed::io_out,
-                                 fixed::io_buffer_size, memory::prot_rw, true}));
+  // kiln's own regions, the image's, then heap and stack, each where kiln_region puts it.
+  auto add = [&](region_kind k) {
+    return mem.add_region(*memory::kiln_region(k, layout, config.stack_size));
+  };
+  for (auto k : {region_kind::boot_info, region_kind::system_tables, region_kind::ist_stack,
+                 region_kind::io_in, region_kind::io_out})
+    KILN_TRY(add(k));
   KILN_TRY(memory::load_elf(image, mem));
-  KILN_TRY(mem.add_region(region{"heap", region_kind::heap, layout.heap_start, layout.heap_size,
-                                 memory::prot_rw, true}));
-  KILN_TRY(mem.add_region(region{"stack", region_kind::stack, layout.stack_bottom,
-                                 config.stack_size, memory::prot_rw, true}));
+  KILN_TRY(add(region_kind::heap));
+  KILN_TRY(add(region_kind::stack));
 
   // System tables (GDT, TSS with the exception stack) and boot info.
   const auto sys = memory::x86_64::build_system_tables(
@@ -118,8 +112,8 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
                                    mem, fixed::page_tables, fixed::page_tables_max, nx));
   // The region spans the whole reserved area: pages past the built tables are where later
   // splits (guest protect requests, mapped files) take their tables from.
-  KILN_TRY(mem.add_region(region{"page_tables", region_kind::page_tables, fixed::page_tables,
-                                 fixed::page_tables_max, memory::prot_r, false}));
+  KILN_TRY(
+      mem.add_region(*memory::kiln_region(region_kind::page_tables, layout, config.stack_size)));
   KILN_TRY(mem.write(fixed::page_tables, std::as_bytes(std::span(tables.entries))));
   KILN_TRY(init_memory(tables, nx));
 
