@@ -90,4 +90,60 @@ std::vector<kiln_file_entry> mapped_files::table() const {
   return table;
 }
 
+// ---- the files section of a snapshot ------------------------------------------------------------
+
+namespace {
+constexpr std::uint64_t max_saved_string = 4096; // a mapped file's name or path
+} // namespace
+
+void encode_saved_files(byte_writer& w, std::span<const saved_file> files) {
+  w.put(static_cast<std::uint32_t>(files.size()));
+  for (const auto& f : files) {
+    w.str(f.name);
+    w.str(f.identity.path);
+    w.put(f.identity.device);
+    w.put(f.identity.inode);
+    w.put(f.identity.size);
+    w.put(f.identity.mtime_ns);
+    w.put(f.addr.value);
+    w.put(f.mapped_size);
+  }
+}
+
+namespace {
+
+result<saved_file> decode_saved_file(byte_reader& r, std::uint64_t memory_size,
+                                     std::uint64_t file_room) {
+  saved_file f;
+  KILN_TRY_ASSIGN(f.name, r.str(max_saved_string));
+  KILN_TRY_ASSIGN(f.identity.path, r.str(max_saved_string));
+  KILN_TRY_ASSIGN(f.identity.device, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(f.identity.inode, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(f.identity.size, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(f.identity.mtime_ns, r.get<std::int64_t>());
+  KILN_TRY_ASSIGN(f.addr.value, r.get<std::uint64_t>());
+  KILN_TRY_ASSIGN(f.mapped_size, r.get<std::uint64_t>());
+  std::uint64_t end = 0;
+  if (f.name.empty() || f.name.size() >= KILN_FILE_NAME_MAX || f.identity.size == 0 ||
+      f.mapped_size != align_up(f.identity.size, page_size) ||
+      !is_aligned(f.addr.value, page_size) || f.addr.value < memory_size ||
+      __builtin_add_overflow(f.addr.value, f.mapped_size, &end) || end > memory_size + file_room)
+    return r.bad(fmt::format("mapped file '{}'", f.name));
+  return f;
+}
+
+} // namespace
+
+result<std::vector<saved_file>> decode_saved_files(byte_reader& r, std::uint64_t memory_size,
+                                                   std::uint64_t file_room) {
+  KILN_TRY_ASSIGN(const auto n, r.get<std::uint32_t>());
+  if (n > fixed::max_files) return r.bad("too many files");
+  std::vector<saved_file> files;
+  for (std::uint32_t i = 0; i < n; ++i) {
+    KILN_TRY_ASSIGN(auto f, decode_saved_file(r, memory_size, file_room));
+    files.push_back(std::move(f));
+  }
+  return files;
+}
+
 } // namespace kiln::memory

@@ -6,10 +6,12 @@
 #include <kiln/memory/address.hpp>
 #include <kiln/memory/file_fault_guard.hpp>
 #include <kiln/memory/host_file.hpp>
+#include <kiln/support/byte_codec.hpp>
 #include <kiln/support/result.hpp>
 
 #include <cstdint>
 #include <memory>
+#include <span>
 #include <string>
 #include <string_view>
 #include <vector>
@@ -24,6 +26,24 @@ struct mapped_file {
   std::uint64_t mapped_size = 0; // page-rounded
   file_fault_watch watch;        // reports a page truncated away under the guest
 };
+
+/// A mapped file as a snapshot records it: re-opened by path at load and checked against the
+/// identity it had.
+struct saved_file {
+  std::string name;
+  file_identity identity;
+  guest_phys_addr addr;
+  std::uint64_t mapped_size = 0;
+};
+
+/// The files section of a snapshot: {name, path, device, inode, size, mtime, address, mapped
+/// size} for each file.
+void encode_saved_files(byte_writer& w, std::span<const saved_file> files);
+/// Reads what encode_saved_files() wrote for a guest whose file room is [memory_size,
+/// memory_size + file_room): each file named, non-empty, mapped whole and page-aligned inside
+/// the room, and at most fixed::max_files of them.
+result<std::vector<saved_file>> decode_saved_files(byte_reader& r, std::uint64_t memory_size,
+                                                   std::uint64_t file_room);
 
 /// The files one guest has mapped, in the order they were mapped: who is where, the rules that
 /// keep their names and ranges apart, and the table the guest reads. It does not map anything

@@ -66,6 +66,8 @@ const char* access_name(vcpu::access_kind a) {
 
 result<void> sandbox::impl::build(const memory::elf_image& image) {
   using memory::region_kind;
+  attach_space();
+  auto& mem = space.ram();
   // kiln's own regions, the image's, then heap and stack, each where kiln_region puts it.
   auto add = [&](region_kind k) {
     return mem.add_region(*memory::kiln_region(k, layout, config.stack_size));
@@ -115,7 +117,7 @@ result<void> sandbox::impl::build(const memory::elf_image& image) {
   KILN_TRY(
       mem.add_region(*memory::kiln_region(region_kind::page_tables, layout, config.stack_size)));
   KILN_TRY(mem.write(fixed::page_tables, std::as_bytes(std::span(tables.entries))));
-  KILN_TRY(init_memory(tables, nx));
+  KILN_TRY(space.init_fresh(tables, nx, config.max_protection_ranges));
 
   KILN_TRY(cpu->map_memory(mem));
   backend_calls_at_build = cpu->stats().map_calls;
@@ -193,9 +195,8 @@ step sandbox::impl::on_exit(const vcpu::exit& e, bool init) {
   // Lost pages of a truncated file come first: the emulated backend was kicked by the SIGBUS
   // handler; on KVM the touch surfaces as backing_lost, or as another exit of a guest that read
   // what it did not expect.
-  if (file_faults.first_lost.load(std::memory_order_relaxed) != 0 ||
-      std::holds_alternative<backing_lost>(e) ||
-      (!files.empty() && !std::holds_alternative<io_out>(e)))
+  if (space.lost_pages_seen() || std::holds_alternative<backing_lost>(e) ||
+      (!space.files().empty() && !std::holds_alternative<io_out>(e)))
     if (auto lost = lost_file_pages()) return step::failed(std::move(*lost));
   return std::visit(visitor{*this, init}, e);
 }

@@ -36,12 +36,12 @@ result<std::span<const std::byte>> sandbox::impl::copy_out(std::uint32_t len) {
         errc::malformed_message,
         fmt::format("record length {:#x} exceeds the {} byte buffer", len, fixed::io_buffer_size));
   auto dst = std::span<std::byte>(scratch).first(len);
-  KILN_TRY(mem.read(fixed::io_out, dst)); // one copy; only the copy is parsed
+  KILN_TRY(space.ram().read(fixed::io_out, dst)); // one copy; only the copy is parsed
   return std::span<const std::byte>(dst);
 }
 
 result<void> sandbox::impl::write_in(std::span<const std::byte> bytes) {
-  return mem.write(fixed::io_in, bytes);
+  return space.ram().write(fixed::io_in, bytes);
 }
 
 step sandbox::impl::on_exception(std::uint64_t vector, std::uint64_t error_code, std::uint64_t rip,
@@ -76,13 +76,14 @@ step sandbox::impl::on_log(const detail::hypercall& hc) {
 step sandbox::impl::on_abort(const detail::hypercall& hc) {
   const std::uint32_t code = hc.value;
   kiln_abort_record rec{};
-  if (auto r = mem.read(fixed::io_out, std::as_writable_bytes(std::span(&rec, 1))); !r)
+  if (auto r = space.ram().read(fixed::io_out, std::as_writable_bytes(std::span(&rec, 1))); !r)
     return step::failed(std::move(r).err());
   // Truncate to the cap and the buffer; a lying length costs nothing.
   std::uint64_t len = std::min<std::uint64_t>(rec.message_len, abort_message_cap);
   len = std::min<std::uint64_t>(len, fixed::io_buffer_size - sizeof rec);
   std::string msg(len, '\0');
-  if (auto r = mem.read(fixed::io_out + sizeof rec, std::as_writable_bytes(std::span(msg))); !r)
+  if (auto r = space.ram().read(fixed::io_out + sizeof rec, std::as_writable_bytes(std::span(msg)));
+      !r)
     return step::failed(std::move(r).err());
   const bool truncated = rec.message_len > len;
   return step::failed(error(errc::guest_aborted, fmt::format("code {}: {}{}", code, msg,
@@ -148,7 +149,7 @@ step sandbox::impl::on_return(const hypercall& hc) {
 }
 
 step sandbox::impl::on_exception_record(const hypercall&) {
-  auto rec = mem.read_object<kiln_exception_record>(fixed::io_out);
+  auto rec = space.ram().read_object<kiln_exception_record>(fixed::io_out);
   if (!rec) return step::failed(std::move(rec).err());
   return on_exception(rec->vector, rec->error_code, rec->rip, rec->cr2);
 }

@@ -37,7 +37,7 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
 
   const bool eager = o.mode == load_mode::eager;
   loader = memory::snapshot_loader::prepare(
-      s.image, mem, eager ? std::span<const std::uint32_t>{} : std::span(s.working_set),
+      s.image, space.ram(), eager ? std::span<const std::uint32_t>{} : std::span(s.working_set),
       /*track_ranges=*/cpu->kind() == vcpu::backend_kind::kvm); // see prefault_resident()
   memory::prefetch_options po;
   po.chunk_bytes = o.chunk_bytes;
@@ -146,20 +146,14 @@ result<void> sandbox::impl::start_recording() {
   if (!base)
     return error(errc::not_ready,
                  "recording needs a sandbox created from or restored to a snapshot");
-  const std::uint64_t pages = mem.size() / memory::page_size;
+  const std::uint64_t pages = space.ram().size() / memory::page_size;
   // From here on only the guest makes pages resident: a prefetch would look like its touches.
   cancel_loading();
   recording r;
   r.snapshot_id = base->id;
   if (cpu->kind() == vcpu::backend_kind::emulated) {
-    // The host protection of every RAM page now: read-write, except where the guest tightened.
-    std::vector<memory::protection> prot_of(pages, memory::prot_rw);
-    for (const auto& c : prot.list())
-      if (const auto* reg = mem.find(c.start))
-        std::fill_n(prot_of.begin() +
-                        static_cast<std::ptrdiff_t>(c.start.value / memory::page_size),
-                    c.size / memory::page_size, detail::host_level(*reg, c.to));
-    KILN_TRY_ASSIGN(r.recorder, mem.record_touches(prot_of));
+    // Armed over the host protection of every RAM page now.
+    KILN_TRY_ASSIGN(r.recorder, space.ram().record_touches(space.host_protections()));
   } else {
     // KVM touches guest RAM from the kernel, where a protection fault fails KVM_RUN with a bare
     // EFAULT (Linux 6.12 gives no address for it): instead, every page that still holds only
@@ -167,7 +161,7 @@ result<void> sandbox::impl::start_recording() {
     // much as a write, maps it again, and the pages mapped after each call are recorded. Pages
     // the sandbox wrote before recording began stay mapped and are not seen: record right
     // after create() or restore(), where those are few.
-    KILN_TRY(mem.unmap_clean());
+    KILN_TRY(space.ram().unmap_clean());
     r.seen.assign(pages, false);
     rec.emplace(std::move(r));
     record_touched_pages();
@@ -181,7 +175,7 @@ result<void> sandbox::impl::start_recording() {
 }
 
 void sandbox::impl::record_touched_pages() {
-  auto ranges = mem.touched_ranges();
+  auto ranges = space.ram().touched_ranges();
   if (!ranges) return; // a scan that fails records nothing more; the list stays a valid prefix
   for (const auto& [b, e] : *ranges)
     for (std::uint64_t a = b; a < e; a += memory::page_size) {

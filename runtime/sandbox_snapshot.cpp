@@ -1,4 +1,5 @@
-// sandbox snapshots: capture, restore by dropping dirtied pages, and sandboxes from a snapshot.
+// sandbox snapshots: taking one, restoring to one (memory by the address space, the vCPU here),
+// and sandboxes made from one.
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/snapshot_file.hpp>
 #include <kiln/runtime/detail/sandbox_impl.hpp>
@@ -15,33 +16,12 @@
 
 namespace kiln {
 
-using memory::guest_phys_addr;
 using memory::protection;
 namespace fixed = memory::fixed;
-using detail::host_level;
 
 namespace {
 
 std::atomic<std::uint64_t> next_snapshot_id{1};
-
-/// Dirty runs up to this many pages are copied back from the image (they stay resident and
-/// the guest's next touch costs nothing); longer ones are dropped (one madvise, and the pages
-/// stop costing memory until touched again). Measured on the 2-core build machine: one
-/// MADV_DONTNEED costs about 50 us whatever its length, a 16-page copy about 2 us
-/// (bench/snapshot_bench: 16 dirtied pages restore in 18 us copied, 69 us dropped).
-constexpr std::uint64_t copy_back_max_pages = 64;
-
-bool same_ram_layout(const std::vector<memory::region>& a, const memory::guest_memory& mem) {
-  std::vector<const memory::region*> ram;
-  for (const auto& r : mem.regions())
-    if (r.kind != memory::region_kind::file) ram.push_back(&r);
-  if (ram.size() != a.size()) return false;
-  for (std::size_t i = 0; i < a.size(); ++i)
-    if (a[i].start != ram[i]->start || a[i].size != ram[i]->size || a[i].kind != ram[i]->kind ||
-        a[i].prot != ram[i]->prot)
-      return false;
-  return true;
-}
 
 /// The special registers for a backend with or without NX (EFER.NXE follows the page tables).
 vcpu::special_registers for_backend(vcpu::special_registers s, bool nx) {
@@ -210,96 +190,19 @@ result<void> snapshot::verify(const std::string& path) {
   return chain.verify();
 }
 
-result<void> sandbox::impl::apply_protections(const memory::protection_map& from,
-                                              const memory::protection_map& to, bool remapped) {
-  // Walk the union of both maps' boundaries; each piece has one protection in each.
-  std::vector<std::uint64_t> cuts;
-  for (const auto& c : from.list())
-    cuts.insert(cuts.end(), {c.start.value, c.start.value + c.size});
-  for (const auto& c : to.list())
-    cuts.insert(cuts.end(), {c.start.value, c.start.value + c.size});
-  std::sort(cuts.begin(), cuts.end());
-  cuts.erase(std::unique(cuts.begin(), cuts.end()), cuts.end());
-  for (std::size_t i = 0; i + 1 < cuts.size(); ++i) {
-    const guest_phys_addr a{cuts[i]};
-    const std::uint64_t len = cuts[i + 1] - cuts[i];
-    const memory::region* r = mem.find(a);
-    if (!r || !memory::guest_owned(r->kind)) continue;
-    const protection pf = from.at(a), pt = to.at(a);
-    const protection host_from = remapped ? memory::prot_rw : host_level(*r, pf);
-    if (host_from != host_level(*r, pt)) KILN_TRY(mem.host_protect(a, len, host_level(*r, pt)));
-    if (pf != pt) KILN_TRY(cpu->protect(a, len, pt));
-  }
-  return {};
-}
-
-result<void> sandbox::impl::watch_image() {
-  const auto& img = mem.image();
-  const bool from_file = img && std::any_of(img->layers().begin(), img->layers().end(),
-                                            [](const auto& l) { return l->base() != 0; });
-  if (!from_file) {
-    image_watch = {};
-    return {};
-  }
-  // The size again, now that the file is mapped: one that shrank between the load's checks and
-  // the mapping would otherwise only show when the guest touches a lost page.
-  if (img->first_shrunk_file())
-    return error(memory::memory_errc::snapshot_truncated,
-                 "the snapshot file shrank after it was opened");
-  KILN_TRY_ASSIGN(image_watch,
-                  memory::file_fault_watch::create(mem.host_address_for_mapping(guest_phys_addr{0}),
-                                                   mem.size(), &file_faults, /*writable=*/true));
-  return {};
-}
-
-result<void> sandbox::impl::sync_files(const detail::snapshot_state& s) {
-  // Unmap what the snapshot does not have (or has elsewhere), then map what is missing.
-  for (std::size_t i = files.size(); i-- > 0;) {
-    const auto& f = files[i];
-    const bool keep = std::any_of(s.files.begin(), s.files.end(), [&](const auto& sf) {
-      return sf.name == f.name && sf.addr == f.addr &&
-             sf.identity.inode == f.file.identity().inode &&
-             sf.identity.device == f.file.identity().device;
-    });
-    if (!keep) KILN_TRY(unmap_file(f.name));
-  }
-  for (const auto& sf : s.files) {
-    if (files.find(sf.name)) continue;
-    KILN_TRY_ASSIGN(auto info, map_file({sf.identity.path, sf.name, sf.addr.value}));
-    const auto& now = files.back().file.identity();
-    if (now.device != sf.identity.device || now.inode != sf.identity.inode ||
-        now.size != sf.identity.size || now.mtime_ns != sf.identity.mtime_ns) {
-      (void)unmap_file(sf.name);
-      return error(memory::memory_errc::file_not_mapped,
-                   fmt::format("mapped file '{}' ({}) changed since the snapshot", sf.name,
-                               sf.identity.path));
-    }
-    (void)info;
-  }
-  return {};
-}
-
 result<snapshot> sandbox::impl::take_snapshot() {
   if (calling) return error(errc::not_ready, "snapshots are taken between calls");
   end_recording(); // capture writes RAM to a file: no page may be armed
   if (is_poisoned) return error(errc::poisoned, poison.message());
   if (!ready) return error(errc::not_ready, "the guest is not ready");
 
-  // The I/O buffers are stored zeroed; pages the guest made inaccessible are PROT_NONE in the
-  // host and dead to the guest, so they are stored as zeros too.
-  const memory::byte_range zeroed[] = {
-      {fixed::io_in.value, fixed::io_in.value + fixed::io_buffer_size},
-      {fixed::io_out.value, fixed::io_out.value + fixed::io_buffer_size}};
-  std::vector<memory::byte_range> unreadable;
-  for (const auto& c : prot.list())
-    if (const auto* r = mem.find(c.start); r && host_level(*r, c.to) == protection::none)
-      unreadable.emplace_back(c.start.value, c.start.value + c.size);
-  KILN_TRY_ASSIGN(auto image, memory::snapshot_image::capture(mem, zeroed, unreadable));
+  KILN_TRY_ASSIGN(auto image, space.capture());
 
   auto s = std::make_shared<detail::snapshot_state>();
   s->id = next_snapshot_id.fetch_add(1);
   s->taken_on = cpu->kind();
   s->nx = (cpu->abi_features() & KILN_FEATURE_NX) != 0;
+  const auto& mem = space.ram();
   s->memory_size = mem.size();
   s->file_room = mem.address_limit() - mem.size();
   s->heap_size = config.heap_size;
@@ -312,19 +215,16 @@ result<snapshot> sandbox::impl::take_snapshot() {
   KILN_TRY_ASSIGN(s->regs, cpu->get_registers());
   KILN_TRY_ASSIGN(s->sregs, cpu->get_special_registers());
   KILN_TRY_ASSIGN(s->fpu, cpu->get_fpu());
-  s->prot = prot;
-  s->tables = tables->save();
-  for (const auto& f : files)
-    s->files.push_back({f->name, f->file.identity(), f->addr, f->mapped_size});
+  s->prot = space.protections();
+  s->tables = space.saved_tables();
+  s->files = space.saved_files();
   functions.for_each([&](const host_function& fn) {
     s->host_functions.push_back({fn.name, fn.params, fn.returns});
   });
 
   // From now on RAM is a copy-on-write mapping of the new image: a restore to it drops only
   // what the guest dirties from here, and the image's pages are shared.
-  KILN_TRY(mem.back_with(image));
-  KILN_TRY(watch_image());
-  KILN_TRY(apply_protections(prot, prot, /*remapped=*/true));
+  KILN_TRY(space.rebase(image));
   base = s;
   ++stats.snapshots;
   return snapshot(std::move(s));
@@ -334,63 +234,26 @@ result<void> sandbox::impl::restore(const detail::snapshot_state& s) {
   const auto t0 = std::chrono::steady_clock::now();
   if (calling) return error(errc::not_ready, "restore happens between calls");
   end_recording();
-  if (s.memory_size != mem.size() || s.file_room != mem.address_limit() - mem.size() ||
-      !same_ram_layout(s.regions, mem))
+  if (!space.same_layout(s.regions, s.memory_size, s.file_room))
     return error(memory::memory_errc::out_of_bounds,
                  "the snapshot has another memory layout than this sandbox");
-  KILN_TRY(sync_files(s));
-
-  // Host pages the guest tightened go back to read-write first (copy-back writes them), then
-  // the memory, then the snapshot's protections.
-  for (const auto& c : prot.list())
-    if (const auto* r = mem.find(c.start); r && host_level(*r, c.to) != memory::prot_rw)
-      KILN_TRY(mem.host_protect(c.start, c.size, memory::prot_rw));
-  std::uint64_t pages = 0, copied = 0;
-  // After lost pages of a truncated snapshot file were patched, the mapping is not the image's
-  // any more: map it afresh.
-  const bool remap =
-      mem.image() != s.image || file_faults.first_lost.load(std::memory_order_relaxed) != 0;
-  if (remap) {
-    cancel_loading(); // the prefetch would read another image's files
-    KILN_TRY(mem.back_with(s.image));
-    KILN_TRY(watch_image());
-  } else {
-    KILN_TRY_ASSIGN(auto dirty, mem.dirty_ranges());
-    for (const auto& [b, e] : dirty) {
-      const std::uint64_t n = (e - b) / memory::page_size;
-      const bool copy = n <= copy_back_max_pages;
-      KILN_TRY(mem.revert(guest_phys_addr{b}, e - b, copy));
-      pages += n;
-      copied += copy ? n : 0;
-    }
-  }
-  tables->restore(s.tables);
-  KILN_TRY(apply_protections(prot, s.prot, /*remapped=*/true));
-  prot = s.prot;
-
+  if (space.restore_remaps(s.image.get())) cancel_loading(); // it would read another image
   const bool nx = (cpu->abi_features() & KILN_FEATURE_NX) != 0;
-  if (nx != s.nx) { // taken on the other backend: NX bits in the leaves follow this one
-    for (const auto& r : s.regions)
-      if (r.guest_visible && r.prot != protection::none)
-        KILN_TRY(tables->set(r.start, r.size, r.prot));
-    for (const auto& c : prot.list())
-      KILN_TRY(tables->set(c.start, c.size, c.to));
-  }
+  KILN_TRY_ASSIGN(const auto figures, space.restore(detail::saved_memory_of(s), nx));
   KILN_TRY(cpu->set_registers(s.regs));
   KILN_TRY(cpu->set_special_registers(for_backend(s.sregs, nx)));
   KILN_TRY(cpu->set_fpu(s.fpu));
-  if (remap)
+  if (figures.remapped)
     for (const auto& r : s.regions)
       if (memory::has(r.prot, protection::exec)) cpu->invalidate_code(r.start, r.size);
 
-  file_faults.first_lost.store(0, std::memory_order_relaxed);
   is_poisoned = false;
   poison = {};
   calling = false;
   ready = true;
   ++stats.restores;
-  stats.last_restore_pages = pages;
-  stats.last_restore_copied = copied;
+  stats.last_restore_pages = figures.pages;
+  stats.last_restore_copied = figures.copied;
   stats.last_restore_time = std::chrono::steady_clock::now() - t0;
   return {};
 }
@@ -449,36 +312,20 @@ detail::sandbox_access::create_from_snapshot(const snapshot& snap, host_function
     KILN_TRY(mem.add_region(r));
   KILN_TRY(mem.back_with(s.image));
   auto p = std::make_unique<sandbox::impl>(std::move(c), std::move(functions), std::move(mem));
-  KILN_TRY(p->watch_image());
   p->layout = s.layout;
   KILN_TRY_ASSIGN(p->cpu, vcpu::create(kind));
+  p->attach_space();
   const bool nx = (p->cpu->abi_features() & KILN_FEATURE_NX) != 0;
-  p->tables.emplace(p->mem, s.tables, nx);
-  p->file_faults.context = p->cpu.get();
-  p->file_faults.notify = [](void* ctx) noexcept { static_cast<vcpu::vcpu*>(ctx)->kick(); };
-  KILN_TRY(p->cpu->map_memory(p->mem));
+  KILN_TRY(p->space.init_saved(s.tables, nx));
+  KILN_TRY(p->cpu->map_memory(p->space.ram()));
   p->backend_calls_at_build = p->cpu->stats().map_calls;
   p->scratch.resize(fixed::io_buffer_size);
-
-  // The backend starts from the regions' own rights; bring it (and the host) to the snapshot's.
-  memory::protection_map initial(s.prot.max_ranges());
-  for (const auto& r : s.regions)
-    if (memory::guest_owned(r.kind)) KILN_TRY(initial.add(r.start, r.size, r.prot));
-  p->prot = initial;
-  KILN_TRY(p->sync_files(s));
-  KILN_TRY(p->apply_protections(initial, s.prot, /*remapped=*/true));
-  p->prot = s.prot;
-  if (nx != s.nx) {
-    for (const auto& r : s.regions)
-      if (r.guest_visible && r.prot != protection::none)
-        KILN_TRY(p->tables->set(r.start, r.size, r.prot));
-    for (const auto& ch : p->prot.list())
-      KILN_TRY(p->tables->set(ch.start, ch.size, ch.to));
-  }
+  KILN_TRY(p->space.adopt(detail::saved_memory_of(s), nx));
   // Boot info names the backend the guest runs on.
   const std::uint64_t features =
       p->cpu->abi_features() | KILN_FEATURE_FILE_TABLE | KILN_FEATURE_MEMORY_OPS;
-  KILN_TRY(p->mem.write_object(fixed::boot_info + offsetof(kiln_boot_info, features), features));
+  KILN_TRY(
+      p->space.ram().write_object(fixed::boot_info + offsetof(kiln_boot_info, features), features));
   KILN_TRY(p->cpu->set_registers(s.regs));
   KILN_TRY(p->cpu->set_special_registers(for_backend(s.sregs, nx)));
   KILN_TRY(p->cpu->set_fpu(s.fpu));

@@ -2,6 +2,7 @@
 #pragma once
 
 #include <kiln/memory/guest_memory.hpp>
+#include <kiln/memory/guest_view.hpp>
 #include <kiln/support/result.hpp>
 #include <kiln/vcpu/exit.hpp>
 #include <kiln/vcpu/registers.hpp>
@@ -48,7 +49,7 @@ struct vcpu_stats {
 /// Thread-safety: everything but kick() must be called from one thread at a time, and run()
 /// should always be called from the same thread (KVM penalises migration). kick() may be called
 /// from any thread at any time, including a signal-safe context's neighbour thread.
-class vcpu {
+class vcpu : public memory::guest_view {
 public:
   virtual ~vcpu() = default;
   vcpu(const vcpu&) = delete;
@@ -62,15 +63,15 @@ public:
   /// Makes every region of `mem` accessible to the guest with the region's protection (regions
   /// whose protection is `none` stay unmapped). `mem` must outlive the vCPU. Called again after
   /// regions were added or removed, it issues calls only for the regions that changed.
-  virtual result<void> map_memory(const memory::guest_memory& mem) = 0;
+  result<void> map_memory(const memory::guest_memory& mem) override = 0;
 
   /// Narrows the guest's rights on [gpa, gpa+size) (page-aligned, inside mapped regions) to `p`
   /// in the backend's own enforcement. The emulated engine keeps per-range permissions and
   /// must never believe a page writable that the host mapped read-only (it would write it and
   /// crash the host), so it is told here. KVM enforces rights through the guest page tables and
   /// the host mapping's protection and issues nothing.
-  virtual result<void> protect(memory::guest_phys_addr gpa, std::uint64_t size,
-                               memory::protection p) = 0;
+  result<void> protect(memory::guest_phys_addr gpa, std::uint64_t size,
+                       memory::protection p) override = 0;
 
   virtual result<registers> get_registers() = 0;
   virtual result<void> set_registers(const registers& r) = 0;

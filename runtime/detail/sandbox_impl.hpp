@@ -1,18 +1,13 @@
-// sandbox::impl: the state of one sandbox, shared by sandbox.cpp (calls, exits) and
-// sandbox_memory.cpp (memory requests, mapped files). Internal to runtime/.
+// sandbox::impl: the state of one sandbox: its address space (memory/), its vCPU, its host
+// functions and the call loop, shared by the sandbox_*.cpp files. Internal to runtime/.
 #pragma once
 
 #include <kiln/guest/abi.h>
+#include <kiln/memory/address_space.hpp>
 #include <kiln/memory/elf_loader.hpp>
-#include <kiln/memory/file_fault_guard.hpp>
-#include <kiln/memory/guest_memory.hpp>
-#include <kiln/memory/host_file.hpp>
 #include <kiln/memory/layout.hpp>
-#include <kiln/memory/mapped_files.hpp>
-#include <kiln/memory/protection_map.hpp>
 #include <kiln/memory/snapshot_loader.hpp>
 #include <kiln/memory/touch_recorder.hpp>
-#include <kiln/memory/x86_64/page_table_editor.hpp>
 #include <kiln/runtime/detail/hypercall_table.hpp>
 #include <kiln/runtime/detail/prefetch_driver.hpp>
 #include <kiln/runtime/sandbox.hpp>
@@ -41,24 +36,6 @@ struct step {
   static step parked(kiln::sandbox::pending_host_call h) { return {park, {}, {}, std::move(h)}; }
 };
 
-/// One host file mapped into the guest.
-/// The host mapping's protection of a RAM page whose guest rights are `p` in region `r`: a page
-/// keeps the host's read-write until the guest first tightens it, then follows its rights (exec
-/// is the guest's business).
-inline memory::protection host_level(const memory::region& r, memory::protection p) {
-  if (p == r.prot || memory::has(p, memory::protection::write)) return memory::prot_rw;
-  if (memory::has(p, memory::protection::read)) return memory::prot_r;
-  return memory::protection::none;
-}
-
-/// A mapped file as a snapshot refers to it.
-struct snapshot_file {
-  std::string name;
-  memory::file_identity identity;
-  memory::guest_phys_addr addr;
-  std::uint64_t mapped_size = 0;
-};
-
 /// A host function as a snapshot records it: what the guest was built against.
 struct recorded_function {
   std::string name;
@@ -82,11 +59,16 @@ struct snapshot_state {
   vcpu::fpu_state fpu;
   memory::protection_map prot;
   memory::x86_64::page_table_editor::state tables;
-  std::vector<snapshot_file> files;
+  std::vector<memory::saved_file> files;
   std::vector<recorded_function> host_functions;
   std::vector<std::uint32_t> working_set; // guest pages in first-touch order (may be empty)
   std::string source;                     // the .ksnap it was loaded from, if any
 };
+
+/// The memory part of a snapshot, as an address space is brought to it.
+inline memory::saved_memory saved_memory_of(const snapshot_state& s) {
+  return {s.image, s.regions, s.prot, s.tables, s.files, s.nx};
+}
 
 } // namespace kiln::detail
 
@@ -95,7 +77,8 @@ namespace kiln {
 struct sandbox::impl {
   sandbox_config config;
   host_functions functions;
-  memory::guest_memory mem;
+  /// RAM, protections, page tables, mapped files and their watches (memory/address_space).
+  memory::address_space space;
   memory::layout layout;
   std::unique_ptr<vcpu::vcpu> cpu;
   error poison;
@@ -107,18 +90,11 @@ struct sandbox::impl {
   std::uint64_t log_budget = 0;
   std::vector<std::byte> scratch; // copy of out_buf for parsing; sized once
 
-  // Memory bookkeeping (sandbox_memory.cpp). Declared after `mem`, so destroyed before it.
-  memory::protection_map prot;                             // the guest-owned pages' rights
-  std::optional<memory::x86_64::page_table_editor> tables; // the live page tables
-  memory::file_fault_state file_faults;                    // outlives the watches in `files`
-  memory::mapped_files files;
-  /// Watches RAM while it maps a snapshot file (.ksnap) that could be truncated under it.
-  memory::file_fault_watch image_watch;
-  memory_stats mstats;
   std::uint64_t backend_calls_at_build = 0;
 
   impl(sandbox_config c, host_functions f, memory::guest_memory m)
-      : config(std::move(c)), functions(std::move(f)), mem(std::move(m)) {}
+      : config(std::move(c)), functions(std::move(f)),
+        space(std::move(m), config.memory_bookkeeping) {}
 
   result<void> build(const memory::elf_image& image);
   result<value> run_until_ready();
@@ -144,20 +120,13 @@ struct sandbox::impl {
                     std::uint64_t cr2);
   result<std::span<const std::byte>> copy_out(std::uint32_t len);
 
-  // sandbox_memory.cpp
-  result<void> init_memory(const memory::x86_64::page_table_image& img, bool nx);
+  // sandbox_memory.cpp: the guest's memory requests and faults, told to the address space.
+  /// Tells the address space of the vCPU (after both exist).
+  void attach_space() noexcept;
   step on_memory_request(const detail::hypercall& hc);
-  /// Serves one request; a host-side failure (a syscall that should not fail) goes to `fatal`.
-  std::uint32_t serve_memory_request(const kiln_memory_request& req, std::optional<error>& fatal);
-  result<std::uint32_t> serve_protect(std::uint64_t addr, std::uint64_t size, memory::protection p);
-  result<std::uint32_t> serve_release(std::uint64_t addr, std::uint64_t size);
-  /// Whether every page of [addr, addr+size) belongs to a region of an allowed kind.
-  bool owned(std::uint64_t addr, std::uint64_t end, bool heap_or_stack_only) const;
   result<mapped_file_info> map_file(const file_mapping& request);
-  result<void> unmap_file(std::string_view name);
-  result<void> write_file_table();
   /// An error naming lost mapped-file pages, if the guest touched any (checked after exits).
-  std::optional<error> lost_file_pages();
+  std::optional<error> lost_file_pages() const;
   /// A clearer error for a fault at `addr`, if it hit a page the guest tightened or a file.
   std::optional<error> name_memory_fault(std::uint64_t addr, bool write, bool fetch,
                                          std::uint64_t rip) const;
@@ -167,17 +136,9 @@ struct sandbox::impl {
   std::shared_ptr<const detail::snapshot_state> base; // the snapshot RAM is a mapping of
   result<snapshot> take_snapshot();
   result<void> restore(const detail::snapshot_state& s);
-  /// Host and backend protections of RAM from `to`, given that they are now as in `from`
-  /// (host protections of every range that is not read-write are re-applied when `remapped`).
-  result<void> apply_protections(const memory::protection_map& from,
-                                 const memory::protection_map& to, bool remapped);
-  /// Watches RAM for lost pages when the current image has layers in a file.
-  result<void> watch_image();
-  /// Makes the mapped files those of `s` (unmapping others, mapping missing ones unchanged).
-  result<void> sync_files(const detail::snapshot_state& s);
   result<void> write_in(std::span<const std::byte> bytes);
 
-  // sandbox_load.cpp: loading from a file, working-set recording. Declared after `mem`, so
+  // sandbox_load.cpp: loading from a file, working-set recording. Declared after `space`, so
   // destroyed before it (the prefetch is cancelled before the image it reads goes).
   struct recording {
     std::uint64_t snapshot_id = 0;

@@ -94,50 +94,12 @@ result<void> decode_page_tables(byte_reader& r, std::uint64_t memory_size, snaps
   return {};
 }
 
-// Files: {name, path, device, inode, size, mtime} and where it is mapped, for each.
 void encode_files(const snapshot_state& s, byte_writer& w) {
-  w.put(static_cast<std::uint32_t>(s.files.size()));
-  for (const auto& f : s.files) {
-    w.str(f.name);
-    w.str(f.identity.path);
-    w.put(f.identity.device);
-    w.put(f.identity.inode);
-    w.put(f.identity.size);
-    w.put(f.identity.mtime_ns);
-    w.put(f.addr.value);
-    w.put(f.mapped_size);
-  }
-}
-
-result<snapshot_file> decode_file(byte_reader& r, std::uint64_t memory_size,
-                                  std::uint64_t file_room) {
-  snapshot_file f;
-  KILN_TRY_ASSIGN(f.name, r.str(max_string));
-  KILN_TRY_ASSIGN(f.identity.path, r.str(max_string));
-  KILN_TRY_ASSIGN(f.identity.device, r.get<std::uint64_t>());
-  KILN_TRY_ASSIGN(f.identity.inode, r.get<std::uint64_t>());
-  KILN_TRY_ASSIGN(f.identity.size, r.get<std::uint64_t>());
-  KILN_TRY_ASSIGN(f.identity.mtime_ns, r.get<std::int64_t>());
-  KILN_TRY_ASSIGN(f.addr.value, r.get<std::uint64_t>());
-  KILN_TRY_ASSIGN(f.mapped_size, r.get<std::uint64_t>());
-  // A named, non-empty file, mapped whole and page-aligned inside the file room.
-  std::uint64_t end = 0;
-  if (f.name.empty() || f.name.size() >= KILN_FILE_NAME_MAX || f.identity.size == 0 ||
-      f.mapped_size != memory::align_up(f.identity.size, memory::page_size) ||
-      !memory::is_aligned(f.addr.value, memory::page_size) || f.addr.value < memory_size ||
-      __builtin_add_overflow(f.addr.value, f.mapped_size, &end) || end > memory_size + file_room)
-    return r.bad(fmt::format("mapped file '{}'", f.name));
-  return f;
+  memory::encode_saved_files(w, s.files);
 }
 
 result<void> decode_files(byte_reader& r, std::uint64_t memory_size, snapshot_state& s) {
-  KILN_TRY_ASSIGN(const auto n, r.get<std::uint32_t>());
-  if (n > fixed::max_files) return r.bad("too many files");
-  s.files.clear();
-  for (std::uint32_t i = 0; i < n; ++i) {
-    KILN_TRY_ASSIGN(auto f, decode_file(r, memory_size, s.file_room));
-    s.files.push_back(std::move(f));
-  }
+  KILN_TRY_ASSIGN(s.files, memory::decode_saved_files(r, memory_size, s.file_room));
   return {};
 }
 
