@@ -1,11 +1,26 @@
 // host_functions: registration and the noexcept trampoline that checks and calls them.
+#include <kiln/runtime/errc.hpp>
 #include <kiln/runtime/host_function.hpp>
+
+#include <fmt/format.h>
 
 #include <exception>
 
 namespace kiln {
 
 host_functions& host_functions::add_raw(host_function fn) {
+  const char* why = fn.name.empty()                           ? "an empty name"
+                    : fn.name.size() > KILN_MAX_NAME          ? "a name over 128 bytes"
+                    : fn.params.size() > KILN_MAX_ARGS        ? "over 32 parameters"
+                    : fn.name.find('\0') != std::string::npos ? "a NUL in its name"
+                                                              : nullptr;
+  if (why) {
+    if (!refused_)
+      refused_ =
+          error(errc::bad_arguments, fmt::format("host function '{}' refused at registration: {}",
+                                                 fn.name.substr(0, 64), why));
+    return *this;
+  }
   auto name = fn.name;
   functions_.insert_or_assign(std::move(name), std::move(fn));
   return *this;

@@ -11,6 +11,7 @@
 #include <functional>
 #include <map>
 #include <memory>
+#include <optional>
 #include <span>
 #include <string>
 #include <string_view>
@@ -165,7 +166,16 @@ public:
   }
 
   /// Registers a function with an explicit signature and a type-erased body.
+  ///
+  /// Every add refuses a function the guest could never call and a snapshot could never
+  /// record: an empty name, a name over KILN_MAX_NAME bytes, over KILN_MAX_ARGS parameters
+  /// (the typed adds check the count when they compile). A refused function is not registered;
+  /// the first refusal is kept (refused()), and creating a sandbox with these functions fails
+  /// with errc::bad_arguments naming it, so a mistake cannot go unnoticed.
   host_functions& add_raw(host_function fn);
+
+  /// The first registration refused, if any (errc::bad_arguments, naming the function).
+  const std::optional<error>& refused() const noexcept { return refused_; }
 
   /// Checks that `name` exists and `args` fit its signature. Returns the function, or the
   /// outcome to send back to the guest (NOT_FOUND, ARG_COUNT, ARG_TYPE).
@@ -187,6 +197,7 @@ public:
 private:
   template <class F, class... A, class R>
   host_functions& add_typed(std::string name, F f, std::tuple<A...>*, R*) {
+    check_arity<A...>();
     using plain = typename detail::unwrap_result<R>::type;
     host_function h;
     h.name = std::move(name);
@@ -219,6 +230,7 @@ private:
 
   template <class F, class... A, class R>
   host_functions& add_async_typed(std::string name, F f, std::tuple<A...>*, R*) {
+    check_arity<A...>();
     host_function h;
     h.name = std::move(name);
     h.params = {wire_type<A>::value...};
@@ -246,6 +258,7 @@ private:
 
   template <class F, class... A, class Aw>
   host_functions& add_awaitable_typed(std::string name, F f, std::tuple<A...>*, Aw*) {
+    check_arity<A...>();
     using body = detail::awaitable_body<F, Aw, A...>;
     host_function h;
     h.name = std::move(name);
@@ -255,7 +268,12 @@ private:
     return add_raw(std::move(h));
   }
 
+  template <class... A> static constexpr void check_arity() {
+    static_assert(sizeof...(A) <= KILN_MAX_ARGS, "a host function takes at most 32 parameters");
+  }
+
   std::map<std::string, host_function, std::less<>> functions_;
+  std::optional<error> refused_;
 };
 
 } // namespace kiln

@@ -262,6 +262,7 @@ sandbox::~sandbox() = default;
 result<std::unique_ptr<sandbox>> sandbox::create(const sandbox_config& config,
                                                  host_functions functions) {
   const auto t0 = std::chrono::steady_clock::now();
+  if (functions.refused()) return *functions.refused();
   KILN_TRY_ASSIGN(auto kind, vcpu::resolve(config.backend));
   memory::layout_config lc{config.memory_size, config.heap_size, config.stack_size};
   if (config.memory_size < fixed::min_memory || config.stack_size >= config.memory_size)

@@ -282,6 +282,7 @@ detail::sandbox_access::create_from_snapshot(const snapshot& snap, host_function
                                              boost::asio::any_io_executor ex) {
   const auto t0 = std::chrono::steady_clock::now();
   if (!snap.state_) return error(errc::not_ready, "empty snapshot");
+  if (functions.refused()) return *functions.refused();
   const detail::snapshot_state& s = *snap.state_;
   KILN_TRY_ASSIGN(auto kind, vcpu::resolve(config.backend));
   // Host functions cannot be saved: the caller registers them again, and the guest was built

@@ -42,6 +42,17 @@ TEST_F(create, host_executable_is_refused) {
             memory::make_error_code(memory::memory_errc::elf_not_static).category());
 }
 
+TEST_F(create, a_refused_host_function_fails_creation) {
+  host_functions fns;
+  fns.add("fine", [](std::int64_t x) { return x; });
+  fns.add(std::string(200, 'x'), [] {});
+  auto sb = sandbox::create(config_for("calc"), fns);
+  ASSERT_FALSE(sb);
+  EXPECT_EQ(sb.code(), errc::bad_arguments);
+  EXPECT_NE(sb.err().message().find("refused at registration"), std::string::npos)
+      << sb.err().message();
+}
+
 TEST_F(create, bad_sizes) {
   auto c = config_for("calc");
   c.memory_size = 1 << 20;

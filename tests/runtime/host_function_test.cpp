@@ -1,4 +1,5 @@
 // Tests for runtime/host_function.hpp: deduced signatures and the noexcept invoke trampoline.
+#include <kiln/runtime/errc.hpp>
 #include <kiln/runtime/host_function.hpp>
 
 #include <gtest/gtest.h>
@@ -78,6 +79,41 @@ TEST(HostFunctions, FindAndReplace) {
   EXPECT_EQ(registered(fns, "f").params, (params{KILN_TYPE_I64}));
   EXPECT_EQ(fns.find("F"), nullptr);
   EXPECT_EQ(fns.find(""), nullptr);
+}
+
+// A function the guest could never call, and a snapshot never record, is refused where it is
+// registered; the first refusal is kept so that creating a sandbox with the set fails.
+TEST(HostFunctions, NamesAndArityTheAbiCannotCarryAreRefused) {
+  host_functions fns;
+  fns.add("", [] {});
+  ASSERT_TRUE(fns.refused());
+  EXPECT_EQ(fns.refused()->code, errc::bad_arguments);
+  EXPECT_NE(fns.refused()->message().find("an empty name"), std::string::npos)
+      << fns.refused()->message();
+  EXPECT_EQ(fns.size(), 0u);
+
+  host_functions names;
+  names.add(std::string(KILN_MAX_NAME, 'n'), [] {});
+  EXPECT_FALSE(names.refused()) << "128 bytes is the limit, not over it";
+  names.add(std::string(KILN_MAX_NAME + 1, 'n'), [] {});
+  names.add(std::string("a\0b", 3), [] {});
+  ASSERT_TRUE(names.refused());
+  EXPECT_NE(names.refused()->message().find("a name over 128 bytes"), std::string::npos);
+  EXPECT_EQ(names.size(), 1u);
+
+  host_functions many;
+  host_function h;
+  h.name = "wide";
+  h.params.assign(KILN_MAX_ARGS + 1, KILN_TYPE_I64);
+  h.body = [](std::span<const value>) -> result<value> { return value{}; };
+  many.add_raw(h);
+  ASSERT_TRUE(many.refused());
+  EXPECT_NE(many.refused()->message().find("over 32 parameters"), std::string::npos);
+  h.params.pop_back();
+  host_functions enough;
+  enough.add_raw(h);
+  EXPECT_FALSE(enough.refused());
+  EXPECT_NE(enough.find("wide"), nullptr);
 }
 
 TEST(HostFunctions, CopiesShareNothingMutable) {
