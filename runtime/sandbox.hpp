@@ -83,10 +83,17 @@ struct sandbox_config {
   std::uint64_t stack_size = 256ull << 10;
   vcpu::backend_choice backend = vcpu::backend_choice::automatic;
   std::string cmdline; // given to the guest through boot info
-  /// Receives the guest's log lines. Default: written to stderr as "[guest] ...".
+  /// Receives the guest's log lines. Default: written to stderr as "[guest] ...". The bytes are
+  /// the guest's (not checked as UTF-8 or anything else). A sink that throws loses that line
+  /// (counted in log_sink_errors and log_bytes_dropped; the first is reported through kiln's
+  /// log hook); the call goes on.
   std::function<void(std::string_view)> log_sink;
   /// Bytes of guest log accepted per call (and during init); the rest is dropped and counted.
   std::uint64_t log_budget_per_call = 64ull << 10;
+  /// Bytes of guest log accepted per second across calls, on average: a guest may write up to
+  /// this much at once, then at this rate; the rest is dropped and counted. 0: no limit over
+  /// time (the per-call budget still holds).
+  std::uint64_t log_bytes_per_second = 1ull << 20;
   /// Guest-physical room above RAM for mapped host files (multiple of 2 MiB, at most 64 GiB).
   /// It costs address space only, never memory.
   std::uint64_t file_room = 1ull << 30;
@@ -160,7 +167,8 @@ struct sandbox_stats {
   std::uint64_t exits_io = 0;    // hypercalls (port I/O)
   std::uint64_t exits_other = 0; // faults, halts, cancellations...
   std::uint64_t log_lines = 0;
-  std::uint64_t log_bytes_dropped = 0;
+  std::uint64_t log_bytes_dropped = 0; // over the per-call budget or the rate, or lost by the sink
+  std::uint64_t log_sink_errors = 0;   // lines the log sink threw on
   std::uint64_t snapshots = 0;
   std::uint64_t restores = 0;
   std::chrono::nanoseconds last_restore_time{};

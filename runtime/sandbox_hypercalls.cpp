@@ -5,10 +5,15 @@
 #include <kiln/runtime/detail/hypercall_table.hpp>
 #include <kiln/runtime/detail/sandbox_impl.hpp>
 #include <kiln/runtime/wire.hpp>
+#include <kiln/support/log.hpp>
 
 #include <fmt/format.h>
 
 #include <algorithm>
+#include <chrono>
+#include <cstdio>
+#include <exception>
+#include <string>
 
 namespace kiln {
 
@@ -64,13 +69,49 @@ step sandbox::impl::on_log(const detail::hypercall& hc) {
   auto bytes = copy_out(hc.value);
   if (!bytes) return step::failed(std::move(bytes).err());
   std::string_view line(reinterpret_cast<const char*>(bytes->data()), bytes->size());
-  if (line.size() > log_budget) {
-    stats.log_bytes_dropped += line.size() - log_budget;
-    line = line.substr(0, log_budget);
-  }
+  const std::uint64_t keep = log_rate_allows(std::min<std::uint64_t>(line.size(), log_budget));
+  stats.log_bytes_dropped += line.size() - keep;
+  line = line.substr(0, keep);
   log_budget -= line.size();
   if (!line.empty()) emit_log(line);
   return step::resume_guest();
+}
+
+std::uint64_t sandbox::impl::log_rate_allows(std::uint64_t len) noexcept {
+  const auto rate = static_cast<double>(config.log_bytes_per_second);
+  if (rate == 0 || len == 0) return len;
+  const auto now = std::chrono::steady_clock::now();
+  const double seconds = std::chrono::duration<double>(now - log_refilled).count();
+  log_tokens = std::min(rate, log_tokens + seconds * rate); // one second's worth at most
+  log_refilled = now;
+  const auto allowed = std::min(len, static_cast<std::uint64_t>(log_tokens));
+  log_tokens -= static_cast<double>(allowed);
+  return allowed;
+}
+
+void sandbox::impl::emit_log(std::string_view line) noexcept {
+  ++stats.log_lines;
+  if (!config.log_sink) {
+    std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
+    return;
+  }
+  const char* why = nullptr;
+  std::string what;
+  try {
+    config.log_sink(line);
+    return;
+  } catch (const std::exception& e) {
+    why = "threw";
+    what = e.what();
+  } catch (...) {
+    why = "threw a non-standard exception";
+  }
+  stats.log_bytes_dropped += line.size();
+  if (stats.log_sink_errors++ == 0)
+    log_message(log_level::warning,
+                fmt::format("the guest log sink {}{}{}; the line is dropped (reported once per "
+                            "sandbox, counted in log_sink_errors)",
+                            why, what.empty() ? "" : ": ", what));
 }
 
 step sandbox::impl::on_abort(const detail::hypercall& hc) {

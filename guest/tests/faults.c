@@ -247,6 +247,18 @@ FN(log_hello) {
   return KILN_STATUS_OK;
 }
 
+/* ADVERSARIAL 8: as much log as one call may write, 16 lines of 4 KiB; returns the line count. */
+FN(log_flood) {
+  UNUSED;
+  static char line[4096];
+  for (unsigned i = 0; i < sizeof line; ++i)
+    line[i] = (char)('a' + i % 26);
+  for (int i = 0; i < 16; ++i)
+    kiln_log(line, sizeof line);
+  r->i32 = 16;
+  return KILN_STATUS_OK;
+}
+
 /* ---- Surface probing (ADVERSARIAL 14): what the CPU shows the guest, and what it refuses ---- */
 
 static void cpuid(uint32_t leaf, uint32_t* eax, uint32_t* ebx, uint32_t* ecx, uint32_t* edx) {
@@ -364,6 +376,7 @@ void kiln_guest_init(void) {
       {"triple_fault", triple_fault},
       {"malloc_until_fail", malloc_until_fail},
       {"log_hello", log_hello},
+      {"log_flood", log_flood},
       {"cpuid_1_ecx", cpuid_1_ecx},
       {"cpuid_ext_ecx", cpuid_ext_ecx},
       {"rdmsr_vmx_basic", rdmsr_vmx_basic},

@@ -87,14 +87,20 @@ struct sandbox::impl {
   bool calling = false; // between begin_call and the end of that call
   std::chrono::steady_clock::time_point call_started;
   sandbox_stats stats;
-  std::uint64_t log_budget = 0;
+  std::uint64_t log_budget = 0; // bytes of log the current call may still write
+  // The log rate across calls (config.log_bytes_per_second): a bucket of up to one second's
+  // bytes, refilled as time passes.
+  double log_tokens = 0;
+  std::chrono::steady_clock::time_point log_refilled{};
   std::vector<std::byte> scratch; // copy of out_buf for parsing; sized once
 
   std::uint64_t backend_calls_at_build = 0;
 
   impl(sandbox_config c, host_functions f, memory::guest_memory m)
       : config(std::move(c)), functions(std::move(f)),
-        space(std::move(m), config.memory_bookkeeping) {}
+        space(std::move(m), config.memory_bookkeeping),
+        log_tokens(static_cast<double>(config.log_bytes_per_second)),
+        log_refilled(std::chrono::steady_clock::now()) {}
 
   result<void> build(const memory::elf_image& image);
   result<value> run_until_ready();
@@ -185,13 +191,10 @@ struct sandbox::impl {
   }
   void after_run(std::uint64_t faults, std::uint64_t major, bool call_ended) noexcept;
 
-  void emit_log(std::string_view line) {
-    ++stats.log_lines;
-    if (config.log_sink)
-      config.log_sink(line);
-    else
-      std::fprintf(stderr, "[guest] %.*s\n", static_cast<int>(line.size()), line.data());
-  }
+  /// How much of a log line of `len` bytes the rate over time lets through, now.
+  std::uint64_t log_rate_allows(std::uint64_t len) noexcept;
+  /// Hands one line to the sink (or stderr); a sink that throws loses the line, never the call.
+  void emit_log(std::string_view line) noexcept;
 };
 
 namespace detail {

@@ -2,6 +2,8 @@
 #include "backend_fixture.hpp"
 
 #include <chrono>
+#include <stdexcept>
+#include <string_view>
 #include <thread>
 
 namespace kiln::test {
@@ -99,6 +101,57 @@ TEST_F(fault_guest, log_reaches_the_sink) {
   EXPECT_EQ(std::get<std::int32_t>(*sb->call("log_hello")), 7);
   ASSERT_FALSE(log_.empty());
   EXPECT_EQ(log_.back(), "hello from guest");
+}
+
+// A sink that throws (say, on bytes that are not UTF-8) loses its line, not the call, and the
+// sandbox is not left inside a call.
+TEST_F(fault_guest, a_log_sink_that_throws_loses_the_line_not_the_call) {
+  auto c = config_for("faults");
+  int seen = 0;
+  c.log_sink = [&seen](std::string_view) {
+    ++seen;
+    throw std::runtime_error("not UTF-8");
+  };
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  for (int i = 0; i < 2; ++i) {
+    auto r = (*sb)->call("log_hello");
+    ASSERT_TRUE(r) << r.err().message();
+    EXPECT_EQ(std::get<std::int32_t>(*r), 7);
+  }
+  EXPECT_EQ(seen, 2);
+  EXPECT_FALSE((*sb)->poisoned());
+  const auto st = (*sb)->stats();
+  EXPECT_EQ(st.log_sink_errors, 2u);
+  EXPECT_EQ(st.log_bytes_dropped, 2 * std::string_view("hello from guest").size());
+}
+
+// ADVERSARIAL 8: a guest calling in a loop cannot push more log than the rate over time, and
+// what it loses is counted.
+TEST_F(fault_guest, log_output_over_time_is_capped_and_the_rest_counted) {
+  auto c = config_for("faults");
+  constexpr std::uint64_t rate = 128 << 10; // bytes a second; each call writes 64 KiB
+  c.log_bytes_per_second = rate;
+  std::uint64_t accepted = 0;
+  c.log_sink = [&accepted](std::string_view line) { accepted += line.size(); };
+  const auto t0 = std::chrono::steady_clock::now();
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  int calls = 0;
+  while (std::chrono::steady_clock::now() - t0 < std::chrono::milliseconds(400) || calls < 4) {
+    auto r = (*sb)->call("log_flood");
+    ASSERT_TRUE(r) << r.err().message();
+    ++calls;
+  }
+  const double seconds =
+      std::chrono::duration<double>(std::chrono::steady_clock::now() - t0).count();
+  const std::uint64_t written = static_cast<std::uint64_t>(calls) * 16 * 4096;
+  const auto st = (*sb)->stats();
+  EXPECT_LE(accepted, rate + static_cast<std::uint64_t>(seconds * rate) + 4096)
+      << calls << " calls in " << seconds << " s";
+  EXPECT_GE(accepted, rate) << "the first second's worth goes through at once";
+  EXPECT_EQ(st.log_bytes_dropped, written - accepted);
+  EXPECT_FALSE((*sb)->poisoned());
 }
 
 TEST_F(fault_guest, kick_stops_a_spinning_guest) {

@@ -5,6 +5,8 @@
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/runtime/runtime.hpp>
 
+#include <stdexcept>
+
 #include <boost/asio/bind_cancellation_slot.hpp>
 #include <boost/asio/bind_executor.hpp>
 #include <boost/asio/cancellation_signal.hpp>
@@ -42,6 +44,18 @@ protected:
     return fns;
   }
 };
+
+// Under the runtime a throwing log sink used to end the process (an exception out of a worker).
+TEST_F(runtime_test, a_log_sink_that_throws_does_not_end_the_process) {
+  runtime rt({.workers = 1});
+  auto c = config_for("faults");
+  c.log_sink = [](std::string_view) { throw std::runtime_error("sink refused"); };
+  auto sb = rt.async_create(c, {}, asio::use_future).get();
+  ASSERT_TRUE(sb) << sb.last_error().message();
+  for (int i = 0; i < 3; ++i)
+    EXPECT_EQ(std::get<std::int32_t>(sb.async_call("log_hello", {}, asio::use_future).get()), 7);
+  EXPECT_EQ(sb.stats().log_sink_errors, 3u);
+}
 
 TEST_F(runtime_test, future_style) {
   runtime rt({.workers = 2});
