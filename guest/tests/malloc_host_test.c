@@ -1,5 +1,6 @@
-/* Host-native test of the guest allocator's hand-back logic: guest/lib/malloc.c is compiled into
- * this program (malloc & co. renamed) over an mmap'd "heap" whose pages are tracked.
+/* Host-native test of the guest allocator's hand-back logic: guest/lib/malloc.c and
+ * malloc_pages.c are compiled into this program (malloc & co. renamed) over an mmap'd "heap"
+ * whose pages are tracked.
  *
  * Page model: every heap page starts PROT_NONE and UNTOUCHED. The first access (SIGSEGV) makes
  * it DIRTY and readable/writable. kiln_release() (stubbed here) zeroes pages with
@@ -33,6 +34,7 @@
 #define __libc_calloc tm_libc_calloc
 #define __libc_realloc tm_libc_realloc
 #include "../lib/malloc.c"
+#include "../lib/malloc_pages.c"
 #undef malloc
 #undef free
 #undef calloc
@@ -108,7 +110,8 @@ int kiln_release(void* addr, size_t len) {
   uint8_t* lo = addr;
   ++stub_calls;
   CHECK(len > 0 && ((uintptr_t)lo % PAGE) == 0 && len % PAGE == 0, "unaligned %p+%zu", addr, len);
-  CHECK(lo >= page_down(heap.base) && lo + len <= region + REGION, "outside the heap: %p", addr);
+  CHECK(lo >= page_down(kiln_heap_.base) && lo + len <= region + REGION, "outside the heap: %p",
+        addr);
   CHECK(!overlaps_live(lo, lo + len), "hands back a live block: %p+%zu", addr, len);
   if (fail_percent && rnd() % 100 < fail_percent) return KILN_MEMORY_NOT_WRITABLE;
   for (size_t pg = (size_t)(lo - region) / PAGE; pg < (size_t)(lo + len - region) / PAGE; ++pg) {
@@ -131,7 +134,8 @@ static void reset(uint64_t offset, uint64_t size, bool hand_back_on) {
   region = mmap(0, REGION, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
   CHECK(region != MAP_FAILED, "mmap");
   memset(state, UNTOUCHED, sizeof state);
-  memset(&heap, 0, sizeof heap);
+  memset(&kiln_heap_, 0, sizeof kiln_heap_);
+  memset(&bins, 0, sizeof bins);
   memset(live, 0, sizeof live);
   stub_calls = 0;
   redundant_pages = 0;
@@ -212,13 +216,13 @@ static uint8_t* do_malloc(uint64_t n, uint8_t tag) {
 /* ---- heap walk: structure and page-state invariants ---- */
 static void check_heap(void) {
   in_checker = 1;
-  uint8_t* p = heap.base;
+  uint8_t* p = kiln_heap_.base;
   bool prev_free = false;
   uint64_t nfree = 0, in_use = 0;
-  while (p < heap.top) {
+  while (p < kiln_heap_.top) {
     struct chunk* c = at(p);
     uint64_t size = csize(c);
-    CHECK(size >= MIN_CHUNK && p + size <= heap.top, "bad chunk size %llu at %p",
+    CHECK(size >= MIN_CHUNK && p + size <= kiln_heap_.top, "bad chunk size %llu at %p",
           (unsigned long long)size, (void*)p);
     CHECK(!!(c->head & F_PREV_INUSE) == !prev_free, "F_PREV_INUSE wrong at %p", (void*)p);
     size_t first = (size_t)(page_down(p) - region) / PAGE;
@@ -232,7 +236,7 @@ static void check_heap(void) {
       CHECK(!prev_free, "two free chunks touch at %p", (void*)p);
       ++nfree;
       CHECK(at(p + size)->prev_size == size, "bad prev_size after %p", (void*)p);
-      struct range r = clean_of(c), in = interior(p, size);
+      struct range r = kiln_heap_clean_of(c), in = interior(p, size);
       for (uint8_t* q = in.lo; q < in.hi; q += PAGE) {
         size_t pg = (size_t)(q - region) / PAGE;
         bool clean = q >= r.lo && q < r.hi;
@@ -243,29 +247,29 @@ static void check_heap(void) {
                 "[+%#zx, +%#zx) interior [+%#zx, +%#zx), top +%#zx hw +%#zx",
                 pg, state[pg], (size_t)(p - region), (unsigned long long)size,
                 r.lo ? (size_t)(r.lo - region) : 0, r.hi ? (size_t)(r.hi - region) : 0,
-                (size_t)(in.lo - region), (size_t)(in.hi - region), (size_t)(heap.top - region),
-                (size_t)(heap.high_water - region));
+                (size_t)(in.lo - region), (size_t)(in.hi - region),
+                (size_t)(kiln_heap_.top - region), (size_t)(kiln_heap_.high_water - region));
       }
     }
     prev_free = !(c->head & F_INUSE);
     p += size;
   }
-  CHECK(p == heap.top, "chunks do not end at top");
-  CHECK(nfree == heap.free_blocks, "free_blocks %llu, counted %llu",
-        (unsigned long long)heap.free_blocks, (unsigned long long)nfree);
-  CHECK(in_use == heap.in_use, "in_use mismatch");
-  CHECK(heap.high_water >= heap.top, "high_water below top");
-  size_t hw = (size_t)(page_up(heap.high_water) - region) / PAGE;
+  CHECK(p == kiln_heap_.top, "chunks do not end at top");
+  CHECK(nfree == kiln_heap_.free_blocks, "free_blocks %llu, counted %llu",
+        (unsigned long long)kiln_heap_.free_blocks, (unsigned long long)nfree);
+  CHECK(in_use == kiln_heap_.in_use, "in_use mismatch");
+  CHECK(kiln_heap_.high_water >= kiln_heap_.top, "high_water below top");
+  size_t hw = (size_t)(page_up(kiln_heap_.high_water) - region) / PAGE;
   for (size_t pg = hw; pg < NPAGES; ++pg)
     CHECK(state[pg] != DIRTY, "page %zu above high_water is dirty", pg);
   if (strict)
-    for (size_t pg = (size_t)(page_up(heap.top) - region) / PAGE; pg < hw; ++pg)
+    for (size_t pg = (size_t)(page_up(kiln_heap_.top) - region) / PAGE; pg < hw; ++pg)
       CHECK(state[pg] == DIRTY, "page %zu between top and high_water is clean but untracked", pg);
   in_checker = 0;
 }
 
 static uint64_t calls(void) {
-  return heap.release_calls;
+  return kiln_heap_.release_calls;
 }
 
 /* ---- scenarios with exact expectations ---- */
@@ -273,9 +277,10 @@ static void scenario_top(void) {
   reset(0, 32u << 20, true);
   uint8_t* a = do_malloc(1u << 20, 1);
   FREE_CALL(a);
-  CHECK(calls() == 1 && heap.released_bytes == (1u << 20) + PAGE, "top: %llu calls, %llu bytes",
-        (unsigned long long)calls(), (unsigned long long)heap.released_bytes);
-  CHECK(heap.high_water == heap.base, "high_water not lowered");
+  CHECK(calls() == 1 && kiln_heap_.released_bytes == (1u << 20) + PAGE,
+        "top: %llu calls, %llu bytes", (unsigned long long)calls(),
+        (unsigned long long)kiln_heap_.released_bytes);
+  CHECK(kiln_heap_.high_water == kiln_heap_.base, "high_water not lowered");
   /* Below KILN_RELEASE_MIN nothing is handed back. */
   uint8_t* b = do_malloc(100000, 2);
   FREE_CALL(b);
@@ -381,7 +386,7 @@ static void scenario_unaligned_region(void) {
   reset(48, (16u << 20) - 48 - 100, true); /* region ends mid-page: hand-back stays off */
   uint8_t* a = do_malloc(1u << 20, 1);
   FREE_CALL(a);
-  CHECK(calls() == 0 && !heap.hand_back, "hand-back on an unaligned region");
+  CHECK(calls() == 0 && !kiln_heap_.hand_back, "hand-back on an unaligned region");
   reset(48, (16u << 20) - 48, true); /* start mid-page is fine */
   a = do_malloc(1u << 20, 1);
   FREE_CALL(a);
@@ -474,14 +479,15 @@ static void workload(unsigned iterations, bool hand_back_on, unsigned fail_pct) 
     FREE_CALL(p);
   }
   check_heap();
-  CHECK(heap.in_use == 0 && heap.top == heap.base, "heap not empty at the end");
-  CHECK(hand_back_on || heap.release_calls == 0, "hand-back while off");
-  CHECK(heap.release_calls == stub_calls, "release_calls %llu, stub saw %llu",
-        (unsigned long long)heap.release_calls, (unsigned long long)stub_calls);
+  CHECK(kiln_heap_.in_use == 0 && kiln_heap_.top == kiln_heap_.base, "heap not empty at the end");
+  CHECK(hand_back_on || kiln_heap_.release_calls == 0, "hand-back while off");
+  CHECK(kiln_heap_.release_calls == stub_calls, "release_calls %llu, stub saw %llu",
+        (unsigned long long)kiln_heap_.release_calls, (unsigned long long)stub_calls);
   printf("workload(%u, hand_back=%d, fail=%u%%): %llu calls, %llu MiB handed back, %llu "
          "redundant pages after failures\n",
-         iterations, hand_back_on, fail_pct, (unsigned long long)heap.release_calls,
-         (unsigned long long)(heap.released_bytes >> 20), (unsigned long long)redundant_pages);
+         iterations, hand_back_on, fail_pct, (unsigned long long)kiln_heap_.release_calls,
+         (unsigned long long)(kiln_heap_.released_bytes >> 20),
+         (unsigned long long)redundant_pages);
   strict = true;
   fail_percent = 0;
 }
