@@ -1,6 +1,7 @@
 // ELF loader: validates a static x86-64 guest image completely before copying any byte.
 #include <kiln/memory/elf_loader.hpp>
 #include <kiln/memory/memory_errc.hpp>
+#include <kiln/support/unique_fd.hpp>
 
 #include <elf.h>
 #include <fcntl.h>
@@ -110,14 +111,12 @@ result<elf_image> parse_elf(std::span<const std::byte> file, guest_phys_addr ima
 
 result<elf_image> read_elf_file(const std::string& path, guest_phys_addr image_base,
                                 guest_phys_addr image_limit) {
-  const int fd = ::open(path.c_str(), O_RDONLY | O_CLOEXEC);
-  if (fd < 0) return errno_error(("open " + path).c_str());
-  struct closer {
-    int fd;
-    ~closer() { ::close(fd); }
-  } c{fd};
+  // Non-blocking, so that a FIFO (or a device) given as the guest is refused below instead of
+  // blocking here until something writes to it; a regular file reads as ever.
+  unique_fd fd(::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NONBLOCK | O_NOCTTY));
+  if (!fd) return errno_error(("open " + path).c_str());
   struct stat st {};
-  if (::fstat(fd, &st) != 0) return errno_error("fstat");
+  if (::fstat(fd.get(), &st) != 0) return errno_error("fstat");
   if (!S_ISREG(st.st_mode))
     return error(memory_errc::elf_bad_magic, path + " is not a regular file");
   if (static_cast<std::uint64_t>(st.st_size) > elf_max_file_size)
@@ -125,7 +124,7 @@ result<elf_image> read_elf_file(const std::string& path, guest_phys_addr image_b
   std::vector<std::byte> buf(static_cast<std::size_t>(st.st_size));
   std::size_t got = 0;
   while (got < buf.size()) {
-    const ssize_t n = ::read(fd, buf.data() + got, buf.size() - got);
+    const ssize_t n = ::read(fd.get(), buf.data() + got, buf.size() - got);
     if (n < 0 && errno == EINTR) continue;
     if (n < 0) return errno_error("read");
     if (n == 0) break;

@@ -20,7 +20,9 @@ error errno_for(const std::string& what) {
 result<host_file> host_file::open(const std::string& path) {
   int raw;
   do {
-    raw = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY);
+    // Non-blocking, so that a FIFO is refused below instead of blocking here until something
+    // writes to it (under kiln::runtime that would stall every sandbox of the worker).
+    raw = ::open(path.c_str(), O_RDONLY | O_CLOEXEC | O_NOCTTY | O_NONBLOCK);
   } while (raw < 0 && errno == EINTR);
   if (raw < 0) return errno_for("open " + path);
   unique_fd fd(raw);

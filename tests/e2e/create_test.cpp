@@ -2,6 +2,10 @@
 #include "backend_fixture.hpp"
 
 #include <fstream>
+#include <string>
+
+#include <sys/stat.h>
+#include <unistd.h>
 
 namespace kiln::test {
 namespace {
@@ -31,6 +35,35 @@ TEST_F(create, not_an_elf) {
   auto sb = sandbox::create(c);
   ASSERT_FALSE(sb);
   EXPECT_EQ(sb.code(), memory::memory_errc::elf_bad_magic);
+}
+
+// A FIFO given as the guest used to block create() in open() until something wrote to it.
+TEST_F(create, a_fifo_as_the_guest_is_refused_without_blocking) {
+  const std::string path = ::testing::TempDir() + "/kiln_fifo_guest_" + std::to_string(::getpid());
+  ::unlink(path.c_str());
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  auto c = config_for("calc");
+  c.guest_path = path;
+  auto sb = sandbox::create(c);
+  ::unlink(path.c_str());
+  ASSERT_FALSE(sb);
+  EXPECT_NE(sb.err().message().find("not a regular file"), std::string::npos) << sb.err().message();
+}
+
+// The same for a file to map, at creation and later.
+TEST_F(create, a_fifo_as_a_mapped_file_is_refused_without_blocking) {
+  const std::string path = ::testing::TempDir() + "/kiln_fifo_map_" + std::to_string(::getpid());
+  ::unlink(path.c_str());
+  ASSERT_EQ(::mkfifo(path.c_str(), 0600), 0);
+  auto c = config_for("calc");
+  c.files.push_back({path, "fifo", 0});
+  auto sb = sandbox::create(c);
+  ASSERT_FALSE(sb);
+  EXPECT_EQ(sb.code(), memory::memory_errc::file_not_regular);
+  auto later = make("calc");
+  ASSERT_NE(later, nullptr);
+  EXPECT_EQ(later->map_file({path, "fifo", 0}).code(), memory::memory_errc::file_not_regular);
+  ::unlink(path.c_str());
 }
 
 TEST_F(create, host_executable_is_refused) {

@@ -4,6 +4,7 @@
 
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/snapshot_file.hpp>
+#include <kiln/runtime/detail/snapshot_codec.hpp>
 
 #include <sys/stat.h>
 #include <unistd.h>
@@ -141,6 +142,38 @@ TEST_F(snapshot_file_e2e, a_child_is_never_written_over_its_own_parent) {
   auto sb2 = sandbox::create(*again, {}, c);
   ASSERT_TRUE(sb2);
   EXPECT_EQ(as<std::uint64_t>((*sb2)->call("sum_pages", h, 2048 * page)), 3u + 6u * 2047);
+}
+
+// kiln verify used to pass a file whose checksums all match but whose state a load refuses:
+// it runs every check a load runs.
+TEST_F(snapshot_file_e2e, verify_refuses_what_load_refuses_even_with_every_checksum_right) {
+  auto sb = make("calc");
+  ASSERT_NE(sb, nullptr);
+  auto snap = sb->take_snapshot();
+  ASSERT_TRUE(snap);
+  const auto good = path("good.ksnap"), bad = path("bad.ksnap");
+  ASSERT_TRUE(snap->save(good));
+  ASSERT_TRUE(snapshot::verify(good));
+  // The same file written again with the layout section cut short: every checksum is right.
+  auto chain = memory::snapshot_chain::open(good);
+  ASSERT_TRUE(chain) << chain.err().message();
+  auto info = chain->top().info();
+  bool cut = false;
+  for (auto& section : info.sections)
+    if (section.tag == detail::section_tag::layout) {
+      section.payload.resize(section.payload.size() / 2);
+      cut = true;
+    }
+  ASSERT_TRUE(cut);
+  auto image = chain->image();
+  ASSERT_TRUE(image) << image.err().message();
+  ASSERT_TRUE(memory::write_snapshot_file(bad, **image, info));
+  auto loaded = snapshot::load(bad);
+  ASSERT_FALSE(loaded);
+  auto verified = snapshot::verify(bad);
+  ASSERT_FALSE(verified);
+  EXPECT_EQ(verified.code(), loaded.code());
+  EXPECT_EQ(verified.err().message(), loaded.err().message());
 }
 
 TEST_F(snapshot_file_e2e, a_child_whose_parent_is_gone_or_rewritten_is_refused_at_load) {

@@ -83,6 +83,13 @@ TEST_F(HostFile, RefusesDirectoriesAndDevices) {
   EXPECT_EQ(host_file::open("/dev/null").code(), memory_errc::file_not_regular);
 }
 
+// A FIFO with no writer used to block open() for ever; it is refused at once.
+TEST_F(HostFile, RefusesAFifoWithoutWaitingForAWriter) {
+  const auto fifo = (dir_ / "fifo").string();
+  ASSERT_EQ(::mkfifo(fifo.c_str(), 0600), 0);
+  EXPECT_EQ(host_file::open(fifo).code(), memory_errc::file_not_regular);
+}
+
 TEST_F(HostFile, RefusesAnEmptyFile) {
   EXPECT_EQ(host_file::open(write_file("empty", "")).code(), memory_errc::file_empty);
 }
