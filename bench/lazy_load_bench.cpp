@@ -244,12 +244,13 @@ struct run_result {
 };
 
 run_result run_once(kiln::load_mode mode, kiln::vcpu::backend_kind kind, const std::string& path,
-                    const heap_span& h) {
+                    const heap_span& h, bool check = true) {
   kiln::sandbox_config c;
   c.backend = kind == kiln::vcpu::backend_kind::kvm ? kiln::vcpu::backend_choice::kvm
                                                     : kiln::vcpu::backend_choice::emulated;
   c.load.mode = mode;
   c.load.count_faults = true;
+  c.load.check_data = check;
   run_result r;
   const auto t0 = clock_type::now();
   auto snap = kiln::snapshot::load(path);
@@ -342,6 +343,31 @@ void print_targets(const double (&med)[3][5], const std::vector<double>& seq, bo
   verdict("background prefetch / sequential bandwidth", bw_ratio, ">= 0.70", bw_ratio >= 0.70);
 }
 
+/// What checking the data against the file's chunk checksums costs: eager and prefetch loads
+/// with the check (the figures above) beside the same loads without it, in the same rounds.
+void print_check_cost(const std::vector<run_result>& eager, const std::vector<run_result>& pf,
+                      const std::vector<run_result>& eager_unchecked,
+                      const std::vector<run_result>& pf_unchecked) {
+  auto med = [](const std::vector<run_result>& v, double run_result::*f) {
+    std::vector<double> x;
+    for (const auto& r : v)
+      x.push_back(r.*f);
+    return median(std::move(x));
+  };
+  const double e = med(eager, &run_result::all_resident);
+  const double eu = med(eager_unchecked, &run_result::all_resident);
+  const double p = med(pf, &run_result::all_resident),
+               pu = med(pf_unchecked, &run_result::all_resident);
+  const double pw = med(pf, &run_result::ws_call), pwu = med(pf_unchecked, &run_result::ws_call);
+  fmt::print("data check (chunk checksums as the reads complete), medians, same rounds:\n");
+  fmt::print("  eager, all resident:    {:.1f} ms checked, {:.1f} ms unchecked ({:.2f}x)\n", e, eu,
+             eu > 0 ? e / eu : 0.0);
+  fmt::print("  prefetch, all resident: {:.1f} ms checked, {:.1f} ms unchecked ({:.2f}x)\n", p, pu,
+             pu > 0 ? p / pu : 0.0);
+  fmt::print("  prefetch, ws call:      {:.1f} ms checked, {:.1f} ms unchecked ({:.2f}x)\n", pw,
+             pwu, pwu > 0 ? pw / pwu : 0.0);
+}
+
 void bench(kiln::vcpu::backend_kind kind, int runs, const std::string& dir) {
   const std::string path = dir + "/kiln-lazy-load-bench.ksnap";
   const auto h = make_snapshot_file(kind, path);
@@ -351,7 +377,7 @@ void bench(kiln::vcpu::backend_kind kind, int runs, const std::string& dir) {
 
   constexpr kiln::load_mode modes[] = {kiln::load_mode::eager, kiln::load_mode::demand,
                                        kiln::load_mode::prefetch};
-  std::vector<run_result> results[3];
+  std::vector<run_result> results[3], unchecked[2]; // unchecked: eager, prefetch
   std::vector<double> seq;
   std::uint64_t worst_left = 0, total_pages = 0;
   {
@@ -369,6 +395,10 @@ void bench(kiln::vcpu::backend_kind kind, int runs, const std::string& dir) {
     for (int m = 0; m < 3; ++m) {
       worst_left = std::max(worst_left, evict(path));
       results[m].push_back(run_once(modes[m], kind, path, h));
+    }
+    for (int m = 0; m < 2; ++m) {
+      worst_left = std::max(worst_left, evict(path));
+      unchecked[m].push_back(run_once(modes[m * 2], kind, path, h, /*check=*/false));
     }
     worst_left = std::max(worst_left, evict(path));
     seq.push_back(sequential_mib_s(path));
@@ -409,6 +439,7 @@ void bench(kiln::vcpu::backend_kind kind, int runs, const std::string& dir) {
                col(&run_result::faults), col(&run_result::major));
   }
   print_targets(med, seq, results[2][0].io_uring);
+  print_check_cost(results[0], results[2], unchecked[0], unchecked[1]);
 }
 
 } // namespace

@@ -7,7 +7,9 @@
 #include <chrono>
 #include <cstddef>
 #include <cstdint>
+#include <functional>
 #include <memory>
+#include <span>
 #include <vector>
 
 namespace kiln::memory {
@@ -31,6 +33,12 @@ struct prefetch_options {
   unsigned queue_depth = 8;                 // reads in flight (1..256)
   bool force_thread = false;                // skip io_uring: use the worker-thread path (tests)
   std::size_t working_set_extents = 0;      // plan[0, this) is the working set (timed separately)
+  /// Given each chunk's bytes once read in full, before they are populated: the plan extent,
+  /// the chunk's offset inside it, the bytes. Runs on the thread that drives the prefetch (the
+  /// poller, or the worker thread), one call at a time; must not throw. For checking the data
+  /// as it comes in (load_check).
+  std::function<void(std::size_t extent, std::uint64_t pos, std::span<const std::byte> bytes)>
+      on_read;
 };
 
 struct prefetch_stats {

@@ -320,8 +320,9 @@ result<file_layer_source> snapshot_file::layer() const {
                  fmt::format("{}: {} bytes, {} when opened", path_, st.st_size, file_size_));
   unique_fd dup(::fcntl(fd_.get(), F_DUPFD_CLOEXEC, 0));
   if (!dup) return errno_error("dup snapshot file");
-  return file_layer_source{std::move(dup), data_offset_, extents_,
-                           layer_file{path_, info_.id, header_crc_, meta_crc_}};
+  return file_layer_source{
+      std::move(dup), data_offset_, extents_,
+      layer_file{path_, info_.id, header_crc_, meta_crc_, chunk_crcs_, extents_}};
 }
 
 result<std::shared_ptr<const snapshot_image>> snapshot_file::image() const {

@@ -236,6 +236,25 @@ snapshot_image::from_files(std::vector<file_layer_source> files, std::uint64_t s
   return img;
 }
 
+void snapshot_layer::mark_corrupt(std::string why) const {
+  std::lock_guard lock(why_mutex_);
+  if (corrupt_.load(std::memory_order_relaxed)) return;
+  why_ = std::move(why);
+  corrupt_.store(true, std::memory_order_release);
+}
+
+std::optional<std::string> snapshot_layer::corruption() const {
+  if (!known_corrupt()) return std::nullopt;
+  std::lock_guard lock(why_mutex_);
+  return why_;
+}
+
+std::optional<std::string> snapshot_image::corruption() const {
+  for (const auto& l : layers_)
+    if (l->known_corrupt()) return l->corruption();
+  return std::nullopt;
+}
+
 std::size_t snapshot_image::file_layers() const noexcept {
   std::size_t n = 0;
   while (n < layers_.size() && layers_[n]->file_)

@@ -5,8 +5,10 @@
 #include <kiln/support/unique_fd.hpp>
 
 #include <array>
+#include <atomic>
 #include <cstdint>
 #include <memory>
+#include <mutex>
 #include <optional>
 #include <span>
 #include <string>
@@ -25,6 +27,10 @@ struct layer_file {
   std::string path; // absolute (lexically: symlinks in directories are not resolved)
   std::array<std::uint8_t, 16> id{};
   std::uint32_t header_crc = 0, meta_crc = 0;
+  /// What a load checks the file's data against (memory/load_check.hpp): the CRC32C of each
+  /// 2 MiB chunk of guest memory as this file alone holds it, and the guest ranges it holds.
+  std::vector<std::uint32_t> chunk_crcs;
+  std::vector<byte_range> extents;
 };
 
 /// One layer of a snapshot image: an anonymous memory file (memfd) of the RAM's size holding
@@ -40,6 +46,14 @@ public:
   /// Bytes of data the layer was captured with (its SEEK_DATA extents then).
   std::uint64_t data_bytes() const noexcept { return data_bytes_; }
 
+  /// Records that the layer's data failed its checksum (a load read it): every image over the
+  /// layer, and so every sandbox running on one, learns it. The first reason is kept.
+  /// Thread-safe (the one mutable part of a layer).
+  void mark_corrupt(std::string why) const;
+  bool known_corrupt() const noexcept { return corrupt_.load(std::memory_order_acquire); }
+  /// Why the data is known to be corrupt, if it is. Thread-safe.
+  std::optional<std::string> corruption() const;
+
 private:
   friend class snapshot_image;
   explicit snapshot_layer(unique_fd fd, std::uint64_t base = 0) : fd_(std::move(fd)), base_(base) {}
@@ -47,6 +61,9 @@ private:
   std::uint64_t base_ = 0;
   std::uint64_t data_bytes_ = 0;
   std::optional<layer_file> file_;
+  mutable std::atomic<bool> corrupt_{false};
+  mutable std::mutex why_mutex_;
+  mutable std::string why_; // guarded by why_mutex_; set once, before corrupt_
 };
 
 /// A layer to build an image from: a .ksnap file's data area.
@@ -120,6 +137,9 @@ public:
   /// The first file layer whose file shrank (an fstat per file layer), if any; a layer whose
   /// file cannot be stat'ed counts as shrunk to 0.
   std::optional<shrunk_file> first_shrunk_file() const noexcept;
+  /// Why a layer of the image is known to be corrupt (snapshot_layer::mark_corrupt), if one
+  /// is: one atomic load per layer when none is.
+  std::optional<std::string> corruption() const;
   /// The layer providing guest-physical `a`, or nullptr where the image is zero.
   const snapshot_layer* layer_at(std::uint64_t a) const noexcept {
     const image_extent* e = extent_at(a);

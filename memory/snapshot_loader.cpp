@@ -18,9 +18,12 @@ snapshot_loader::~snapshot_loader() {
 
 std::unique_ptr<snapshot_loader>
 snapshot_loader::prepare(std::shared_ptr<const snapshot_image> image, guest_memory& mem,
-                         std::span<const std::uint32_t> working_set, bool track_ranges) {
+                         std::span<const std::uint32_t> working_set, bool track_ranges,
+                         bool check_data) {
   std::unique_ptr<snapshot_loader> l(new snapshot_loader(std::move(image), mem));
   l->plan_ = plan_load(*l->image_, mem, working_set);
+  // Before the working set gets descriptors of its own: the check tells files apart by theirs.
+  if (check_data) l->check_ = std::make_unique<load_check>(l->image_, l->plan_);
   if (!l->plan_.one_pass) l->open_own_descriptors();
   if (track_ranges) {
     const auto ws_end =
@@ -52,9 +55,19 @@ void snapshot_loader::open_own_descriptors() {
   }
 }
 
-result<std::unique_ptr<prefetch>> snapshot_loader::start(const prefetch_options& options) {
+prefetch_options snapshot_loader::options_for(const prefetch_options& options) const {
   prefetch_options po = options;
   po.working_set_extents = plan_.working_set_extents;
+  if (check_)
+    po.on_read = [c = check_.get()](std::size_t extent, std::uint64_t pos,
+                                    std::span<const std::byte> bytes) {
+      c->take(extent, pos, bytes);
+    };
+  return po;
+}
+
+result<std::unique_ptr<prefetch>> snapshot_loader::start(const prefetch_options& options) {
+  prefetch_options po = options_for(options);
   if (!plan_.one_pass) {
     KILN_TRY(mem_.set_read_around(false));
     read_around_off_ = true;
@@ -65,12 +78,12 @@ result<std::unique_ptr<prefetch>> snapshot_loader::start(const prefetch_options&
 }
 
 result<prefetch_stats> snapshot_loader::load_all(const prefetch_options& options) {
-  prefetch_options po = options;
-  po.working_set_extents = plan_.working_set_extents;
-  KILN_TRY_ASSIGN(auto p, prefetch::start(plan_.extents, po));
+  KILN_TRY_ASSIGN(auto p, prefetch::start(plan_.extents, options_for(options)));
   p->wait();
   prefetch_stats st = p->stats();
   if (st.failure.code) return st.failure;
+  if (check_)
+    if (auto bad = check_->failure()) return *bad;
   return st;
 }
 

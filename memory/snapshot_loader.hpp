@@ -4,6 +4,7 @@
 #pragma once
 
 #include <kiln/memory/guest_memory.hpp>
+#include <kiln/memory/load_check.hpp>
 #include <kiln/memory/load_plan.hpp>
 #include <kiln/memory/prefetch.hpp>
 #include <kiln/memory/snapshot_image.hpp>
@@ -50,10 +51,12 @@ public:
   /// first-touch order, empty for one pass in address order (an eager load). With `track_ranges`,
   /// advance() hands back the guest ranges as they become resident (for a backend that can map
   /// them ahead of the guest's faults). `mem` must outlive the loader. Reads nothing yet.
+  /// With `check_data`, every chunk the reads complete is checked against the file's
+  /// checksums as it comes in (load_check; check() reports).
   static std::unique_ptr<snapshot_loader> prepare(std::shared_ptr<const snapshot_image> image,
                                                   guest_memory& mem,
                                                   std::span<const std::uint32_t> working_set,
-                                                  bool track_ranges);
+                                                  bool track_ranges, bool check_data = true);
   ~snapshot_loader();
   snapshot_loader(const snapshot_loader&) = delete;
   snapshot_loader& operator=(const snapshot_loader&) = delete;
@@ -63,7 +66,7 @@ public:
   /// set_read_around's.
   result<std::unique_ptr<prefetch>> start(const prefetch_options& options);
   /// Reads everything now, on this thread (an eager load); the caller tells advance() the stats.
-  /// Errors: the prefetch's failure.
+  /// Errors: the prefetch's failure; snapshot_corrupt for a chunk whose checksum failed.
   result<prefetch_stats> load_all(const prefetch_options& options);
 
   /// Takes in the prefetch's latest stats: updates progress(), turns read-around back on once
@@ -75,17 +78,21 @@ public:
   void stop() noexcept;
 
   const load_progress& progress() const noexcept { return progress_; }
+  /// The data check, when prepare() was asked for one.
+  const load_check* check() const noexcept { return check_.get(); }
   const load_plan& plan() const noexcept { return plan_; }
 
 private:
   snapshot_loader(std::shared_ptr<const snapshot_image> image, guest_memory& mem);
   void open_own_descriptors();
+  prefetch_options options_for(const prefetch_options& options) const;
   void restore_read_around() noexcept;
 
   std::shared_ptr<const snapshot_image> image_; // keeps its files open
   guest_memory& mem_;
   load_plan plan_;
-  std::vector<unique_fd> own_fds_; // the working-set reads' own descriptors (read-ahead off)
+  std::unique_ptr<load_check> check_; // outlives the reads that feed it (as the image does)
+  std::vector<unique_fd> own_fds_;    // the working-set reads' own descriptors (read-ahead off)
   std::vector<byte_range> pending_ws_, pending_rest_; // guest ranges not yet handed back
   bool read_around_off_ = false;
   load_progress progress_;

@@ -228,6 +228,7 @@ sandbox::run_state sandbox::impl::resume() {
   using rs = sandbox::run_state;
   std::uint64_t faults = 0, major = 0;
   hear_load();
+  if (auto bad = known_corrupt()) return fail_call(std::move(*bad));
   if (!to_prefault.empty()) prefault_resident();
   before_run(faults, major);
   for (;;) {
@@ -238,6 +239,8 @@ sandbox::run_state sandbox::impl::resume() {
     case step::resume:
       continue;
     case step::done:
+      // A result computed over data known to be corrupt is never handed out.
+      if (auto bad = known_corrupt()) return fail_call(std::move(*bad));
       calling = false;
       stats.last_call_time = std::chrono::steady_clock::now() - call_started;
       return {rs::done, std::move(s.result), {}, {}};
@@ -245,15 +248,26 @@ sandbox::run_state sandbox::impl::resume() {
       return {rs::interrupted, {}, {}, {}};
     case step::park:
       return {rs::host_call, {}, {}, std::move(s.host)};
-    case step::fail: {
-      calling = false;
-      stats.last_call_time = std::chrono::steady_clock::now() - call_started;
-      const bool ours = s.err.code.category() == category_of<errc>();
-      if (!ours || poisons(static_cast<errc>(s.err.code.value()))) set_poison(s.err);
-      return {rs::failed, {}, std::move(s.err), {}};
-    }
+    case step::fail:
+      return fail_call(std::move(s.err));
     }
   }
+}
+
+sandbox::run_state sandbox::impl::fail_call(error e) {
+  calling = false;
+  stats.last_call_time = std::chrono::steady_clock::now() - call_started;
+  const bool ours = e.code.category() == category_of<errc>();
+  if (!ours || poisons(static_cast<errc>(e.code.value()))) set_poison(e);
+  return {sandbox::run_state::failed, {}, std::move(e), {}};
+}
+
+std::optional<error> sandbox::impl::known_corrupt() const {
+  const auto& img = space.ram().image();
+  if (!img) return std::nullopt;
+  if (auto why = img->corruption())
+    return error(memory::memory_errc::snapshot_corrupt, "guest memory: " + *why);
+  return std::nullopt;
 }
 
 sandbox::sandbox(std::unique_ptr<impl> p) : impl_(std::move(p)) {}

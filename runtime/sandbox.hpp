@@ -74,6 +74,11 @@ struct load_options {
   /// of the guest, so it is off unless asked for (the CLI's load report and the lazy-load
   /// benchmark ask).
   bool count_faults = false;
+  /// Check the file's data against its chunk checksums as eager and prefetch loads read it
+  /// (memory/load_check.hpp): eager fails creation on a bad chunk; prefetch makes the calls of
+  /// every sandbox over that file fail with snapshot_corrupt from the moment it is found.
+  /// Demand paging reads nothing itself and checks nothing (kiln verify checks a whole file).
+  bool check_data = true;
 };
 
 struct sandbox_config {
@@ -131,6 +136,10 @@ struct load_stats {
   /// incomplete (for demand: always), on the threads that ran it (getrusage RUSAGE_THREAD around
   /// each run): `major` waited for the disk. 0 without it.
   std::uint64_t faults = 0, major_faults = 0;
+  /// With load_options::check_data: 2 MiB chunks whose checksum matched as they were read, of
+  /// the chunks the files hold (a parent file's chunk that a child file covers is never read,
+  /// so never checked).
+  std::uint64_t chunks_checked = 0, chunks_total = 0;
 };
 
 /// The guest pages a sandbox touched while recording, in first-touch order: what a snapshot

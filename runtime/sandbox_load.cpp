@@ -38,7 +38,9 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
   const bool eager = o.mode == load_mode::eager;
   loader = memory::snapshot_loader::prepare(
       s.image, space.ram(), eager ? std::span<const std::uint32_t>{} : std::span(s.working_set),
-      /*track_ranges=*/cpu->kind() == vcpu::backend_kind::kvm); // see prefault_resident()
+      /*track_ranges=*/cpu->kind() == vcpu::backend_kind::kvm, // see prefault_resident()
+      o.check_data);
+  if (const auto* check = loader->check()) ls.chunks_total = check->chunks_total();
   memory::prefetch_options po;
   po.chunk_bytes = o.chunk_bytes;
   po.queue_depth = o.queue_depth;
@@ -48,6 +50,7 @@ result<void> sandbox::impl::start_loading(const detail::snapshot_state& s,
     KILN_TRY_ASSIGN(const auto st, loader->load_all(po));
     ls.io_uring = st.used_io_uring;
     ls.bytes_prefetched = st.bytes_read;
+    if (const auto* check = loader->check()) ls.chunks_checked = check->chunks_checked();
     ls.to_working_set = ls.to_everything = since(load_started);
     ls.working_set_resident = ls.everything_resident = true;
     load_complete = true;
@@ -80,6 +83,7 @@ void sandbox::impl::update_load_stats() {
   auto& ls = stats.load;
   ls.io_uring = st.used_io_uring;
   ls.bytes_prefetched = st.bytes_read;
+  if (const auto* check = loader->check()) ls.chunks_checked = check->chunks_checked();
   auto resident = loader->advance(st);
   to_prefault.insert(to_prefault.end(), resident.begin(), resident.end());
   const auto& progress = loader->progress();

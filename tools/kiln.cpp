@@ -194,6 +194,9 @@ void print_load_stats(kiln::sandbox& sb) {
   if (w.bytes_prefaulted != 0)
     fmt::print(stderr, "  {} KiB pre-faulted in the second-level page tables\n",
                w.bytes_prefaulted / 1024);
+  if (w.chunks_total != 0)
+    fmt::print(stderr, "  {} of {} stored 2 MiB chunks checked against their checksums\n",
+               w.chunks_checked, w.chunks_total);
 }
 
 /// --stats: what the run cost, on stderr.

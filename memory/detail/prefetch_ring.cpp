@@ -159,6 +159,7 @@ void prefetch::impl::on_read(unsigned i, int res) {
   s.got += static_cast<std::uint64_t>(res);
   count_read(static_cast<std::uint64_t>(res));
   if (s.got < s.len) return submit_read(i); // short read: the rest, or 0 at the end of file
+  if (opt.on_read) opt.on_read(s.extent, s.pos, std::span<const std::byte>(s.buffer, s.len));
   if (plan[s.extent].host) { // the bytes exist (even if a later chunk found the end early)
     s.retries = 0;
     return populate(i);

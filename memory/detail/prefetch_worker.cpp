@@ -36,6 +36,7 @@ void prefetch::impl::run_worker() noexcept {
         count_read(static_cast<std::uint64_t>(r));
       }
       if (dead[x] || hard_stop) break;
+      if (opt.on_read) opt.on_read(x, pos, std::span<const std::byte>(scratch, len));
       if (e.host) count_populate(detail::populate_now(e.host + pos, len));
       detail::signal_fd(evfd.get());
     }

@@ -105,6 +105,11 @@ struct sandbox::impl {
   result<void> build(const memory::elf_image& image);
   result<value> run_until_ready();
   sandbox::run_state resume();
+  /// Ends the call in progress with `e` (poisoning where e says so).
+  sandbox::run_state fail_call(error e);
+  /// snapshot_corrupt when a layer of the image under RAM failed its checksum (this sandbox's
+  /// load or another's over the same file found it): one atomic load per layer otherwise.
+  std::optional<error> known_corrupt() const;
   result<void> write_host_result(const host_call_outcome& outcome);
   void set_poison(error e) {
     is_poisoned = true;

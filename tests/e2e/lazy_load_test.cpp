@@ -4,6 +4,8 @@
 #include "backend_fixture.hpp"
 
 #include <kiln/guest/abi.h>
+#include <kiln/memory/memory_errc.hpp>
+#include <kiln/memory/snapshot_file.hpp>
 #include <kiln/runtime/runtime.hpp>
 
 #include <boost/asio/use_future.hpp>
@@ -246,6 +248,66 @@ TEST_F(lazy_load_e2e,
 
 // Issue 6, item 4: a guest writing pages while the prefetch runs over them ends with its own
 // data, never the file's. Evicted file, so the prefetch is still reading while the guest runs.
+/// Flips one byte of `file`'s stored data at guest address `a`.
+void flip_stored_byte(const std::string& file, std::uint64_t a) {
+  auto chain = memory::snapshot_chain::open(file);
+  ASSERT_TRUE(chain) << chain.err().message();
+  auto img = chain->image();
+  ASSERT_TRUE(img);
+  const auto at = static_cast<off_t>((*img)->layers()[0]->base() + a);
+  const int fd = ::open(file.c_str(), O_RDWR | O_CLOEXEC);
+  ASSERT_GE(fd, 0);
+  unsigned char b = 0;
+  ASSERT_EQ(::pread(fd, &b, 1, at), 1);
+  b ^= 0x01;
+  ASSERT_EQ(::pwrite(fd, &b, 1, at), 1);
+  ::close(fd);
+}
+
+// A byte flipped in the stored data: an eager load refuses the file; a prefetch finds it as its
+// reads complete, and from then on no call of any sandbox over that file returns a result.
+TEST_F(lazy_load_e2e,
+       a_corrupt_chunk_fails_an_eager_load_and_every_call_after_a_prefetch_finds_it) {
+  const auto file = path("corrupt.ksnap");
+  ASSERT_NO_FATAL_FAILURE(save_with_working_set(file));
+  ASSERT_NO_FATAL_FAILURE(flip_stored_byte(file, heap_ + 8 * mib + 12345)); // past the working set
+  auto c = config_for("memory_test");
+
+  auto loaded = snapshot::load(file);
+  ASSERT_TRUE(loaded) << loaded.err().message();
+  c.load.mode = load_mode::eager;
+  auto eager = sandbox::create(*loaded, {}, c);
+  ASSERT_FALSE(eager);
+  EXPECT_EQ(eager.code(), memory::memory_errc::snapshot_corrupt);
+  EXPECT_NE(eager.err().message().find("chunk "), std::string::npos) << eager.err().message();
+  c.load.check_data = false;
+  EXPECT_TRUE(sandbox::create(*loaded, {}, c)) << "unchecked, the same file loads";
+
+  auto fresh = snapshot::load(file); // a new image: nothing known about it yet
+  ASSERT_TRUE(fresh);
+  c.load.check_data = true;
+  c.load.mode = load_mode::demand;
+  auto bystander = sandbox::create(*fresh, {}, c); // reads nothing itself
+  ASSERT_TRUE(bystander) << bystander.err().message();
+  EXPECT_EQ(as<std::uint64_t>((*bystander)->call("sum_pages", heap_, mib)), 5u * 256);
+  c.load.mode = load_mode::prefetch;
+  auto sb = sandbox::create(*fresh, {}, c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  (*sb)->wait_loaded();
+  const auto st = (*sb)->stats().load;
+  EXPECT_GT(st.chunks_total, 0u);
+  EXPECT_EQ(st.chunks_checked + 1, st.chunks_total);
+  auto r = (*sb)->call("sum_pages", heap_, mib);
+  ASSERT_FALSE(r);
+  EXPECT_EQ(r.code(), memory::memory_errc::snapshot_corrupt);
+  EXPECT_NE(r.err().message().find(file), std::string::npos) << r.err().message();
+  EXPECT_TRUE((*sb)->poisoned());
+  // The sandbox that loaded nothing learns it from the file's layer.
+  auto other = (*bystander)->call("sum_pages", heap_, mib);
+  ASSERT_FALSE(other);
+  EXPECT_EQ(other.code(), memory::memory_errc::snapshot_corrupt);
+}
+
 TEST_F(lazy_load_e2e, a_guest_writing_under_a_running_prefetch_keeps_its_own_data) {
   const auto file = path("race.ksnap");
   ASSERT_NO_FATAL_FAILURE(save_with_working_set(file));

@@ -1,8 +1,11 @@
 // The kiln CLI as a user runs it: results on stdout, errors and usage on stderr, exit codes.
+#include <kiln/memory/snapshot_file.hpp>
+
 #include <gtest/gtest.h>
 
 #include <array>
 #include <cstdio>
+#include <fcntl.h>
 #include <string>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -105,6 +108,29 @@ TEST(cli, snapshot_inspect_verify_and_run_from_a_file) {
             "42\n");
   auto missing = run("run --snapshot " + std::string(dir) + "/nope.ksnap add 2 3" + emu);
   EXPECT_EQ(missing.status, 1);
+
+  // One stored byte flipped (in the guest's code): verify and an eager load refuse the file.
+  const std::string bad = std::string(dir) + "/bad.ksnap";
+  std::filesystem::copy_file(file, bad);
+  {
+    auto chain = kiln::memory::snapshot_chain::open(bad);
+    ASSERT_TRUE(chain);
+    auto img = chain->image();
+    ASSERT_TRUE(img);
+    const auto at = static_cast<off_t>((*img)->layers()[0]->base() + (1 << 20) + 16);
+    const int fd = ::open(bad.c_str(), O_RDWR | O_CLOEXEC);
+    ASSERT_GE(fd, 0);
+    unsigned char b = 0;
+    ASSERT_EQ(::pread(fd, &b, 1, at), 1);
+    b ^= 0x80;
+    ASSERT_EQ(::pwrite(fd, &b, 1, at), 1);
+    ::close(fd);
+  }
+  EXPECT_NE(run("verify " + bad).status, 0);
+  auto refused = run("run --snapshot " + bad + " --load eager add 2 3" + emu);
+  EXPECT_NE(refused.status, 0) << refused.out;
+  EXPECT_NE(refused.out.find("checksum"), std::string::npos) << refused.out;
+  std::filesystem::remove(bad);
 
   // A layered child: saved after a call, listed with its parent, loadable on its own path.
   const std::string child = std::string(dir) + "/child.ksnap";
