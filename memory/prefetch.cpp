@@ -153,19 +153,19 @@ result<std::unique_ptr<prefetch>> prefetch::start(std::vector<prefetch_extent> p
                                                   prefetch_options options) {
   KILN_TRY(validate(plan, options));
   auto p = std::make_unique<impl>();
-  p->opt = options;
+  p->opt = std::move(options);
   p->dead.assign(plan.size(), false);
   p->plan = std::move(plan);
   p->evfd.reset(::eventfd(0, EFD_NONBLOCK | EFD_CLOEXEC));
   if (!p->evfd) return errno_error("prefetch: eventfd");
-  if (options.working_set_extents == 0) p->mark_working_set();
+  if (p->opt.working_set_extents == 0) p->mark_working_set();
 
-  const bool use_ring = !options.force_thread && !p->plan.empty() && p->open_ring();
+  const bool use_ring = !p->opt.force_thread && !p->plan.empty() && p->open_ring();
   {
     std::lock_guard lock(p->stats_mutex);
     p->st.used_io_uring = use_ring;
   }
-  const unsigned buffers = use_ring ? options.queue_depth : 1;
+  const unsigned buffers = use_ring ? p->opt.queue_depth : 1;
   KILN_TRY(p->map_scratch(buffers));
   if (use_ring) {
     p->make_slots(buffers);

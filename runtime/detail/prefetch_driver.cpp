@@ -122,7 +122,7 @@ void run_thread(const state_ptr& st) {
 result<std::shared_ptr<prefetch_driver>>
 prefetch_driver::start(asio::any_io_executor ex, std::vector<memory::prefetch_extent> plan,
                        memory::prefetch_options options, done_handler on_done) {
-  KILN_TRY_ASSIGN(auto pf, memory::prefetch::start(std::move(plan), options));
+  KILN_TRY_ASSIGN(auto pf, memory::prefetch::start(std::move(plan), std::move(options)));
   return drive(std::move(ex), std::move(pf), std::move(on_done));
 }
 
