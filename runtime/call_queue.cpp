@@ -9,6 +9,7 @@
 #include <boost/asio/prefer.hpp>
 
 #include <algorithm>
+#include <type_traits>
 
 namespace kiln::detail {
 
@@ -78,7 +79,16 @@ void sandbox_core::request_stop(const std::shared_ptr<call_op>& op, unsigned rea
 }
 
 void sandbox_core::on_stop_request(const std::shared_ptr<call_op>& op) {
-  if (op->done || op->started) return; // running: the kick acts; parked: acts on the reply
+  if (op->done) return;
+  if (op->started) {
+    // Running: the kick acts. Parked on a host function that may never reply: the call ends
+    // now, mid-way, and the function's late reply finds it done and is dropped.
+    if (op->parked) {
+      op->parked = false;
+      stop_started(op, op->stop.load());
+    }
+    return;
+  }
   auto it = std::find(queue.begin(), queue.end(), op);
   if (it == queue.end()) return;
   queue.erase(it);
@@ -97,6 +107,11 @@ void sandbox_core::enqueue(std::shared_ptr<call_op> op) {
     complete_call(
         op, destroyed || destroying ? asio::error::bad_descriptor : asio::error::operation_aborted,
         value{});
+    return;
+  }
+  if (op->from_own_host && current && current->parked) {
+    op->done = true;
+    complete_call(op, std::error_code(errc::reentrant_call), value{});
     return;
   }
   if (queue.size() >= rt->options.max_queued_calls) {
@@ -181,7 +196,6 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
       op->parked = true;
       const host_function* fn = st.host.function;
       std::weak_ptr<sandbox_core> weak = shared_from_this();
-      auto ex = executor();
       // A reply may come after the sandbox and even the runtime are gone: the weak reference
       // is checked before the worker's io_context (owned by the runtime) is touched.
       host_completion done = [weak, op](host_call_outcome o) {
@@ -192,7 +206,8 @@ void sandbox_core::run_slice(const std::shared_ptr<call_op>& op) {
         });
       };
       try {
-        fn->async_body(std::move(st.host.args), host_context(asio::any_io_executor(ex)), done);
+        fn->async_body(std::move(st.host.args), host_context(asio::any_io_executor(host_strand)),
+                       done);
       } catch (const std::exception& e) {
         done({KILN_STATUS_HOST_ERROR, value{}, std::string("host function threw: ") + e.what()});
       } catch (...) {
@@ -245,6 +260,15 @@ void sandbox_core::finish(const std::shared_ptr<call_op>& op, error_code ec, val
     maybe_destroy();
 }
 
+// Every handle was dropped without async_destroy(), and nothing else holds the sandbox: it is
+// unreachable and ends here, on whichever thread let go last. It is not running (a run holds a
+// reference), and it must leave the counts that runtime::stop() waits on.
+sandbox_core::~sandbox_core() {
+  if (destroyed) return;
+  w->sandboxes.fetch_sub(1);
+  rt->alive.fetch_sub(1);
+}
+
 void sandbox_core::maybe_destroy() {
   if (!destroying || destroyed || current || !queue.empty()) return;
   destroyed = true;
@@ -272,11 +296,25 @@ void sandbox_core::maybe_destroy() {
 
 namespace {
 
+// True when `ex`, a handler's executor, is `core`'s host strand: the handler belongs to one of
+// its coroutine host functions. Looked for through Asio's type erasure (an
+// any_completion_executor holding the coroutine's any_io_executor holding the strand).
+template <class Executor> bool is_host_strand_of(const Executor& ex, const sandbox_core& core) {
+  if (const auto* s = ex.template target<sandbox_core::host_strand_type>())
+    return *s == core.host_strand;
+  if constexpr (!std::is_same_v<Executor, asio::any_io_executor>)
+    if (const auto* io = ex.template target<asio::any_io_executor>())
+      return is_host_strand_of(*io, core);
+  return false;
+}
+
 // Takes the executor (with outstanding work tracked) and the cancellation slot of a queued
-// entry's handler.
+// entry's handler, and whether the handler is one of the sandbox's own coroutine host
+// functions.
 template <class Handler>
 void bind_handler(call_op& op, const Handler& handler, const std::shared_ptr<sandbox_core>& core) {
   op.slot = asio::get_associated_cancellation_slot(handler);
+  if (core) op.from_own_host = is_host_strand_of(asio::get_associated_executor(handler), *core);
   op.ex = core ? asio::prefer(asio::get_associated_executor(handler, core->executor()),
                               asio::execution::outstanding_work.tracked)
                : asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),

@@ -26,6 +26,7 @@ enum class errc {
   guest_error,        // the guest function reported an error (its message in the detail)
   result_too_large,   // the call or its result does not fit the I/O buffer
   queue_full,         // too many calls already wait for this sandbox (kiln::runtime)
+  reentrant_call,     // a host function called its own sandbox, which waits for that function
 };
 
 /// True for errors after which the sandbox is poisoned. One exhaustive switch decides.
@@ -70,6 +71,8 @@ template <> struct kiln::errc_traits<kiln::errc> {
       return "message too large for the I/O buffer";
     case queue_full:
       return "sandbox call queue full";
+    case reentrant_call:
+      return "a host function called the sandbox that waits for it";
     case not_ready:
       return "sandbox not ready";
     case backend_failure:

@@ -64,6 +64,18 @@ worker& runtime_impl::pick_worker() {
   return *best;
 }
 
+// Stops a worker's io_context once it serves no sandbox, creations in flight included (they
+// are counted before they are posted). Whatever is still queued then would never end by
+// itself (a coroutine host function awaiting what never comes, a user's timer on the worker):
+// it must not keep runtime::stop() waiting, and is destroyed with the runtime.
+namespace {
+void stop_when_empty(worker& w) {
+  if (w.sandboxes.load() == 0) return w.ctx.stop();
+  auto t = std::make_shared<asio::steady_timer>(w.ctx, std::chrono::milliseconds(1));
+  t->async_wait([&w, t](error_code) { stop_when_empty(w); });
+}
+} // namespace
+
 void create_on_worker(const std::shared_ptr<runtime_impl>& rt, create_handler handler,
                       std::function<result<std::unique_ptr<sandbox>>(runtime_impl&)> make) {
   auto ex = asio::prefer(asio::get_associated_executor(handler, asio::system_executor()),
@@ -80,16 +92,21 @@ void create_on_worker(const std::shared_ptr<runtime_impl>& rt, create_handler ha
   };
   if (!rt || rt->stopping.load()) return fail(error(aborted(), "runtime stopped"));
   worker& w = rt->pick_worker();
+  // Counted before `stopping` is read again, so that stop() either sees this creation in the
+  // worker's count (and waits for it) or this side sees `stopping`.
   w.sandboxes.fetch_add(1);
   rt->alive.fetch_add(1);
+  if (rt->stopping.load()) {
+    w.sandboxes.fetch_sub(1);
+    rt->alive.fetch_sub(1);
+    return fail(error(aborted(), "runtime stopped"));
+  }
   asio::post(w.ctx, [rt, &w, make = std::move(make), handler = std::move(handler), ex]() mutable {
     auto sb = make(*rt);
     async_sandbox result;
     error_code ec;
     if (sb && !rt->stopping.load()) {
-      auto core = std::make_shared<sandbox_core>();
-      core->rt = rt;
-      core->w = &w;
+      auto core = std::make_shared<sandbox_core>(rt, w);
       core->backend = (*sb)->backend();
       core->sb = std::move(*sb);
       core->publish();
@@ -224,10 +241,12 @@ void runtime::stop() {
       core->pump(); // completes the queued calls with operation_aborted, then destroys
     });
   }
-  // 2. Let the workers drain what was posted, then join.
+  // 2. Let each worker run what was posted until its sandboxes are gone, then stop it and join.
   asio::post(rt.service, [&rt] { rt.slice_timer.cancel(); });
-  for (auto& w : rt.workers)
+  for (auto& w : rt.workers) {
     w->guard.reset();
+    asio::post(w->ctx, [&w = *w] { detail::stop_when_empty(w); });
+  }
   for (auto& w : rt.workers)
     if (w->thread.joinable()) w->thread.join();
   rt.service_guard.reset();

@@ -107,9 +107,10 @@ void create_on_worker(const std::shared_ptr<runtime_impl>& rt, create_handler ha
 } // namespace detail
 
 /// A handle to a sandbox running under a kiln::runtime. Copyable; copies name the same sandbox.
-/// All members are thread-safe. The sandbox lives until async_destroy() completes or the
-/// runtime stops (dropping every handle does not destroy it: destruction is explicit, like
-/// closing a socket).
+/// All members are thread-safe. The sandbox lives until async_destroy() completes, the runtime
+/// stops, or nothing refers to it any more: once every handle is dropped and its last call has
+/// completed, it is destroyed on the thread that let go last. async_destroy() is the way to
+/// choose the moment (and the worker thread) yourself.
 class async_sandbox {
 public:
   async_sandbox() = default;
@@ -125,10 +126,12 @@ public:
   /// boost::asio::error::operation_aborted when the call was cancelled before it started or
   /// the runtime stopped. A call cancelled (through the handler's cancellation slot, any
   /// cancellation type) or timed out while the guest runs completes with errc::cancelled or
-  /// errc::deadline_exceeded and poisons the sandbox, because the guest stopped mid-way; while
-  /// the guest waits for an asynchronous host function, the cancellation takes effect when the
-  /// guest would resume. A cancellation after completion does nothing. last_error() gives the
-  /// detail of the most recent failure.
+  /// errc::deadline_exceeded and poisons the sandbox, because the guest stopped mid-way. The
+  /// same holds while the guest waits for an asynchronous or coroutine host function: the call
+  /// completes at once, and the function's reply, if it ever comes, is dropped. A cancellation
+  /// after completion does nothing. A coroutine host function that calls the sandbox it serves
+  /// (with its own executor, the default) gets errc::reentrant_call: that call could only start
+  /// after the function returned. last_error() gives the detail of the most recent failure.
   template <class Token>
   auto async_call(std::string name, std::vector<value> args, call_options options,
                   Token&& token) const {
@@ -273,7 +276,10 @@ public:
 
   /// Graceful stop: every queued or running call completes with operation_aborted (a running
   /// guest is kicked), every sandbox is destroyed on its worker, then all threads are joined.
-  /// Idempotent; must not be called from a worker or service thread.
+  /// Work still pending on a worker after its sandboxes are gone (a coroutine host function
+  /// awaiting something that never completes, a timer of the caller's) does not hold stop()
+  /// up: it never runs, and is destroyed with the runtime. Idempotent; must not be called from
+  /// a worker or service thread.
   void stop();
 
   unsigned worker_count() const noexcept;

@@ -41,6 +41,7 @@ bool poisons(errc e) noexcept {
   case errc::guest_error:
   case errc::result_too_large:
   case errc::queue_full:
+  case errc::reentrant_call:
     return false;
   }
   return true;

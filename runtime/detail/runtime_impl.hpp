@@ -10,6 +10,7 @@
 #include <boost/asio/error.hpp>
 #include <boost/asio/executor_work_guard.hpp>
 #include <boost/asio/steady_timer.hpp>
+#include <boost/asio/strand.hpp>
 
 #include <array>
 #include <atomic>
@@ -85,6 +86,7 @@ struct call_op {
   bool started = false;                         // (W)
   bool parked = false;                          // (W) waiting for an async host function
   bool done = false;                            // (W)
+  bool from_own_host = false; // submitted from a coroutine host function of the same sandbox
 };
 
 struct runtime_impl : std::enable_shared_from_this<runtime_impl> {
@@ -108,8 +110,19 @@ struct runtime_impl : std::enable_shared_from_this<runtime_impl> {
 };
 
 struct sandbox_core : std::enable_shared_from_this<sandbox_core> {
+  using host_strand_type = asio::strand<asio::io_context::executor_type>;
+  sandbox_core(std::shared_ptr<runtime_impl> r, worker& wk)
+      : rt(std::move(r)), w(&wk), host_strand(asio::make_strand(wk.ctx)) {}
+  ~sandbox_core();
+  sandbox_core(const sandbox_core&) = delete;
+  sandbox_core& operator=(const sandbox_core&) = delete;
+
   std::shared_ptr<runtime_impl> rt;
   worker* w = nullptr;
+  // Coroutine host functions of this sandbox run here (on its worker): a call submitted with
+  // this executor comes from one of them, and is refused while the sandbox waits on a host
+  // function, since it could only run after that function returned.
+  host_strand_type host_strand;
   std::unique_ptr<sandbox> sb;                 // (W); reset on destroy, under kick_mu
   std::deque<std::shared_ptr<call_op>> queue;  // (W)
   std::shared_ptr<call_op> current;            // (W)

@@ -57,6 +57,23 @@ TEST_F(runtime_test, a_log_sink_that_throws_does_not_end_the_process) {
   EXPECT_EQ(sb.stats().log_sink_errors, 3u);
 }
 
+// Before, a sandbox whose handles were all dropped was destroyed without leaving the count of
+// live sandboxes, which then never reached zero: stats() lied and stop() waited for ever.
+TEST_F(runtime_test, dropping_every_handle_destroys_the_sandbox_and_stop_returns) {
+  runtime rt({.workers = 1});
+  {
+    auto sb = create(rt, "calc");
+    ASSERT_TRUE(sb);
+    EXPECT_EQ(std::get<std::int32_t>(sb.async_call("add_i32", {2, 3}, asio::use_future).get()), 5);
+    EXPECT_EQ(rt.stats().sandboxes, 1u);
+  }
+  const auto until = std::chrono::steady_clock::now() + scaled_budget(2s);
+  while (rt.stats().sandboxes != 0 && std::chrono::steady_clock::now() < until)
+    std::this_thread::sleep_for(1ms);
+  EXPECT_EQ(rt.stats().sandboxes, 0u);
+  rt.stop(); // returns: nothing is left on the worker
+}
+
 TEST_F(runtime_test, future_style) {
   runtime rt({.workers = 2});
   auto sb = create(rt, "calc");
