@@ -1,7 +1,9 @@
 // Tests of the emulated backend driven directly (no runtime): exits, faults, registers, code cache.
 #include "bare_guest.hpp"
+#include "child_process.hpp"
 
 #include <kiln/guest/abi.h>
+#include <kiln/vcpu/emulated/emulated_vcpu.hpp>
 
 #include <gtest/gtest.h>
 
@@ -12,6 +14,7 @@
 #include <mutex>
 #include <optional>
 #include <sstream>
+#include <system_error>
 #include <thread>
 #include <vector>
 
@@ -49,6 +52,32 @@ protected:
 };
 
 // ---- port I/O --------------------------------------------------------------------------------
+
+// Before, Unicorn's failed translation-buffer mmap called exit(1) and took the host process
+// with it. In a child under an address-space limit with room for one engine but not two: the
+// first creation works, the second is a typed ENOMEM naming the buffer, and the first vCPU
+// still runs code.
+TEST_F(emulated_vcpu_test, no_room_for_the_translation_buffer_is_an_error_not_an_exit) {
+  const child_end end = run_in_child([] {
+    if (!limit_address_space(address_space_bytes() + (1700ull << 20))) return 10;
+    const code_bytes out_0x2a{0xb0, 0x2a, 0xe6, 0x10, 0xeb, 0xfe}; // mov al,42; out 0x10,al; jmp .
+    auto first = bare_guest::create(vcpu::backend_kind::emulated, out_0x2a);
+    if (!first) {
+      std::fprintf(stderr, "first: %s\n", first.err().message().c_str());
+      return 11;
+    }
+    auto second = vcpu::emulated::create();
+    if (second) return 12;
+    std::fprintf(stderr, "second: %s\n", second.err().message().c_str());
+    if (second.err().code != std::errc::not_enough_memory) return 13;
+    if (second.err().detail.find("translation buffer") == std::string::npos) return 14;
+    const vcpu::exit ex = first->cpu->run();
+    const auto* io = std::get_if<exits::io_out>(&ex);
+    if (!io || io->port != 0x10 || io->value != 0x2a) return 15;
+    return 0;
+  });
+  EXPECT_TRUE(end.exited && end.status == 0) << end.describe();
+}
 
 TEST_F(emulated_vcpu_test, out_exits_with_port_size_value_and_resumes_after_the_out) {
   ASSERT_NO_FATAL_FAILURE(load({

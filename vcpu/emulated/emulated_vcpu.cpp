@@ -16,8 +16,12 @@
 #include <fmt/format.h>
 #include <unicorn/unicorn.h>
 
+#include <sys/mman.h>
+#include <sys/resource.h>
+
 #include <algorithm>
 #include <atomic>
+#include <cerrno>
 #include <chrono>
 #include <cstring>
 #include <optional>
@@ -47,13 +51,54 @@ constexpr std::array<int, register_count> gpr_ids{
     UC_X86_REG_R10, UC_X86_REG_R11, UC_X86_REG_R12,   UC_X86_REG_R13, UC_X86_REG_R14,
     UC_X86_REG_R15, UC_X86_REG_RIP, UC_X86_REG_RFLAGS};
 
+// Unicorn 2.0.1 builds its engine on the first call after uc_open (uc_hook_add, here), and the
+// build maps a 1 GiB read-write-execute translation buffer (measured: VmSize grows by 1 GiB and
+// ~25 MiB). When that mmap fails (an address-space limit, vm.overcommit_memory=2, a policy that
+// refuses writable and executable memory) Unicorn prints "Could not allocate dynamic translator
+// buffer" and calls exit(1): the whole host process ends. 2.0.1 offers no way to make the buffer
+// smaller. So kiln maps the same kind of buffer first, with headroom, and unmaps it: if that
+// fails, creation fails with ENOMEM and a message instead. Engines being built at the same time
+// (on other workers) have not made their own mapping yet, so the check makes room for every one
+// of them, itself included: it never serializes creations, and under pressure it refuses
+// early rather than late. Only a thread outside kiln that takes the room between the check and
+// Unicorn's mmap (about a millisecond later) could still make Unicorn's mmap fail.
+constexpr std::uint64_t translation_buffer_bytes = 1ull << 30;
+constexpr std::uint64_t translation_headroom_bytes = 64ull << 20;
+
+std::atomic<unsigned> engines_building{0};
+
+result<void> check_room_for_engines(unsigned engines) {
+  const std::uint64_t bytes =
+      std::uint64_t{engines} * (translation_buffer_bytes + translation_headroom_bytes);
+  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS,
+                   -1, 0);
+  if (p == MAP_FAILED) {
+    const int err = errno;
+    std::string limit = "unlimited";
+    if (rlimit rl{}; ::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+      limit = fmt::format("{} MiB", rl.rlim_cur >> 20);
+    return error(std::error_code(err, std::generic_category()),
+                 fmt::format("the emulator needs {} MiB of writable, executable address space for "
+                             "its translation buffer ({} being built at once) and the host "
+                             "refused it (mmap: {}; address space limit {})",
+                             bytes >> 20, engines, std::strerror(err), limit));
+  }
+  ::munmap(p, bytes);
+  return {};
+}
+
 class emulated_vcpu final : public vcpu {
 public:
   static result<std::unique_ptr<vcpu>> create() {
     auto v = std::unique_ptr<emulated_vcpu>(new emulated_vcpu());
     if (uc_err e = uc_open(UC_ARCH_X86, UC_MODE_64, &v->engine_.uc); e != UC_ERR_OK)
       return uc_error(vcpu_errc::create_failed, "uc_open", e);
-    KILN_TRY(v->install_hooks());
+    const unsigned building = engines_building.fetch_add(1) + 1;
+    struct built {
+      ~built() { engines_building.fetch_sub(1); }
+    } done;
+    KILN_TRY(check_room_for_engines(building));
+    KILN_TRY(v->install_hooks()); // the first hook builds the engine (see above)
     return std::unique_ptr<vcpu>(std::move(v));
   }
 
