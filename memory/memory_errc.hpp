@@ -38,6 +38,7 @@ enum class memory_errc {
   snapshot_corrupt,         // a checksum or structural check failed
   snapshot_too_large,       // a size above kiln's caps
   snapshot_parent_mismatch, // a layered file's parent is not the file it was written against
+  file_not_allowed, // a snapshot file names a host file to map that the caller did not allow
 };
 
 } // namespace kiln::memory
@@ -103,6 +104,8 @@ template <> struct kiln::errc_traits<kiln::memory::memory_errc> {
       return "snapshot file corrupt";
     case snapshot_too_large:
       return "snapshot file exceeds size limits";
+    case file_not_allowed:
+      return "snapshot file maps a host file the caller did not allow";
     case snapshot_parent_mismatch:
       return "snapshot file's parent changed or does not match";
     }

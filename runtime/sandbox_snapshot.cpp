@@ -12,6 +12,7 @@
 #include <algorithm>
 #include <atomic>
 #include <cstddef>
+#include <cstdlib>
 #include <filesystem>
 
 namespace kiln {
@@ -142,13 +143,50 @@ result<void> decode_state(const memory::snapshot_chain& chain, detail::snapshot_
   return detail::decode_sections(top.info().sections, top.info().memory_size, s);
 }
 
+/// `path` with symlinks, `.` and `..` resolved; the file must exist.
+result<std::string> resolved(const std::string& path) {
+  std::unique_ptr<char, decltype(&std::free)> r(::realpath(path.c_str(), nullptr), &std::free);
+  if (!r) return errno_error(("resolve " + path).c_str());
+  return std::string(r.get());
+}
+
+bool lies_under(const std::string& file, const std::string& dir) {
+  if (dir == "/") return true;
+  return file.size() > dir.size() && file.compare(0, dir.size(), dir) == 0 &&
+         file[dir.size()] == '/';
+}
+
+/// Applies `policy` to the host files a loaded snapshot maps, and has them opened by their
+/// resolved paths.
+result<void> admit_files(const std::string& source, std::vector<memory::saved_file>& files,
+                         const mapped_file_policy& policy) {
+  if (files.empty() || policy.any_recorded) return {};
+  std::vector<std::string> dirs;
+  for (const auto& d : policy.directories)
+    if (auto r = resolved(d)) dirs.push_back(std::move(*r));
+  for (auto& f : files) {
+    KILN_TRY_ASSIGN(std::string real, resolved(f.identity.path));
+    const bool ok = std::any_of(dirs.begin(), dirs.end(),
+                                [&](const std::string& d) { return lies_under(real, d); }) ||
+                    (policy.allow && policy.allow(f.name, real));
+    if (!ok)
+      return error(memory::memory_errc::file_not_allowed,
+                   fmt::format("{} maps '{}' from {}: not under an allowed directory, and not "
+                               "allowed by the policy",
+                               source, f.name, real));
+    f.identity.path = std::move(real);
+  }
+  return {};
+}
+
 } // namespace
 
-result<snapshot> snapshot::load(const std::string& path) {
+result<snapshot> snapshot::load(const std::string& path, const mapped_file_policy& files) {
   KILN_TRY_ASSIGN(auto chain, memory::snapshot_chain::open(path));
   const auto& top = chain.top();
   auto s = std::make_shared<detail::snapshot_state>();
   KILN_TRY(decode_state(chain, *s));
+  KILN_TRY(admit_files(top.path(), s->files, files));
   KILN_TRY_ASSIGN(s->image, chain.image());
   s->id = next_snapshot_id.fetch_add(1);
   s->source = top.path();

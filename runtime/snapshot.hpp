@@ -4,8 +4,10 @@
 #include <kiln/support/result.hpp>
 
 #include <cstdint>
+#include <functional>
 #include <memory>
 #include <string>
+#include <string_view>
 #include <vector>
 
 namespace kiln {
@@ -16,6 +18,23 @@ struct sandbox_access;
 } // namespace detail
 
 struct working_set;
+
+/// Which host files a snapshot file may map into its guests. A .ksnap records each mapped file by
+/// path and identity, never its bytes, so a file from elsewhere could name any file this process
+/// can read. snapshot::load() resolves each recorded path (symlinks and `..` included) and
+/// refuses the file (memory_errc::file_not_allowed) unless the resolved path lies under one of
+/// `directories` or `allow` accepts it. Sandboxes then open the resolved path, which must still
+/// match the recorded identity. The default allows nothing: a snapshot that maps no files loads
+/// as before.
+struct mapped_file_policy {
+  std::vector<std::string> directories; // resolved too; a file must lie below one
+  /// Asked for each file not under `directories`: its name in the guest and resolved path.
+  std::function<bool(std::string_view name, const std::string& resolved_path)> allow;
+  /// Every recorded path as recorded, unresolved (the files need not exist until a sandbox
+  /// maps them): for snapshot files your own service wrote.
+  bool any_recorded = false;
+  static mapped_file_policy any() { return {{}, {}, true}; }
+};
 
 struct save_options {
   /// Write only what differs from the .ksnap file the snapshot descends from (it was loaded from
@@ -63,9 +82,9 @@ public:
   /// file is validated (header, sections, parent ids and checksums; layout and registers from
   /// the file itself) before anything is mapped, then each file's data is mapped copy-on-write
   /// as one layer. Sandboxes created from the result may restore to it at once. Errors: the
-  /// memory::memory_errc snapshot_* codes, the open's errno (ELOOP for a symlink, ENOENT for a
-  /// missing parent).
-  static result<snapshot> load(const std::string& path);
+  /// memory::memory_errc snapshot_* codes, file_not_allowed (a mapped file `files` does not
+  /// allow), the open's errno (ELOOP for a symlink, ENOENT for a missing parent or mapped file).
+  static result<snapshot> load(const std::string& path, const mapped_file_policy& files = {});
   /// A human-readable description: sizes, layout, regions, protections, files, host functions,
   /// working set.
   std::string describe() const;

@@ -74,9 +74,11 @@ struct run_options {
   std::string heap = "0";
   std::vector<std::string> map_files; // PATH or PATH=NAME
   bool stats = false;
-  std::string load = "prefetch"; // --load MODE with --snapshot
-  std::string save;              // --save FILE: snapshot after the call
-  bool save_whole = false;       // --whole: never a layered file
+  std::string load = "prefetch";         // --load MODE with --snapshot
+  std::string save;                      // --save FILE: snapshot after the call
+  bool save_whole = false;               // --whole: never a layered file
+  std::vector<std::string> allow_mapped; // --allow-mapped DIR with --snapshot
+  bool trust_mapped = false;             // --trust-mapped-files with --snapshot
 };
 
 /// The host functions every CLI run offers, so guests that call the host can be tried from here.
@@ -160,7 +162,7 @@ int save_after_run(kiln::sandbox& sb, const run_options& o) {
     fmt::print(stderr, "kiln: cannot save {}: {}\n", o.save, saved.err().message());
     return 1;
   }
-  if (auto again = kiln::snapshot::load(o.save)) {
+  if (auto again = kiln::snapshot::load(o.save, kiln::mapped_file_policy::any())) {
     const auto files = again->files();
     const auto stored = again->stored_bytes();
     fmt::print(stderr, "saved {}: {} KiB stored{}\n", o.save, stored ? *stored / 1024 : 0,
@@ -234,7 +236,9 @@ int cmd_run(run_options o) {
   if (o.snapshot.empty()) {
     sb = kiln::sandbox::create(cfg, cli_host_functions());
   } else {
-    auto snap = kiln::snapshot::load(o.snapshot);
+    const auto policy = o.trust_mapped ? kiln::mapped_file_policy::any()
+                                       : kiln::mapped_file_policy{o.allow_mapped, {}};
+    auto snap = kiln::snapshot::load(o.snapshot, policy);
     if (!snap) {
       fmt::print(stderr, "kiln: cannot load {}: {}\n", o.snapshot, snap.err().message());
       return 1;
@@ -333,7 +337,8 @@ int cmd_snapshot(const std::string& guest, const std::string& out, const std::st
 }
 
 int cmd_inspect(const std::string& path) {
-  auto snap = kiln::snapshot::load(path);
+  // Describing maps nothing: the recorded paths are shown as they are.
+  auto snap = kiln::snapshot::load(path, kiln::mapped_file_policy::any());
   if (!snap) {
     fmt::print(stderr, "kiln: {}: {}\n", path, snap.err().message());
     return 1;
@@ -382,6 +387,11 @@ int main(int argc, char** argv) {
                   "After a successful call, save a snapshot here (with --snapshot: a small layered "
                   "file over that one)");
   run->add_flag("--whole", ro.save_whole, "With --save: write a whole file, never a layered one");
+  run->add_option("--allow-mapped", ro.allow_mapped,
+                  "With --snapshot: host files the snapshot maps must lie under this directory "
+                  "(repeatable; by default a snapshot file may map no host file)");
+  run->add_flag("--trust-mapped-files", ro.trust_mapped,
+                "With --snapshot: map whatever host files the snapshot names (files you wrote)");
   std::string snap_guest, snap_out, snap_backend = "auto", snap_memory = "16M";
   std::vector<std::string> snap_files;
   auto* snapshot =

@@ -92,6 +92,7 @@ protected:
     std::filesystem::remove_all(dir_, ec);
   }
   std::string path(const std::string& name) const { return (dir_ / name).string(); }
+  std::string dir() const { return dir_.string(); }
   std::filesystem::path dir_;
 };
 

@@ -369,13 +369,62 @@ TEST_F(snapshot_file_e2e, mapped_files_are_referenced_and_checked) {
   ASSERT_TRUE(snap);
   const auto file = path("files.ksnap");
   ASSERT_TRUE(snap->save(file));
-  auto loaded = snapshot::load(file);
+  auto loaded = snapshot::load(file, mapped_file_policy{{dir()}, {}});
   ASSERT_TRUE(loaded) << loaded.err().message();
   auto child = sandbox::create(*loaded, {}, config_for("memory_test"));
   ASSERT_TRUE(child) << child.err().message();
   EXPECT_EQ(as<std::uint64_t>((*child)->call("file_sum", std::string("data"))), 10u);
   std::ofstream(data, std::ios::binary | std::ios::app).write("\x05", 1); // the file changes
   EXPECT_FALSE(sandbox::create(*loaded, {}, config_for("memory_test")));
+}
+
+// Before, a .ksnap could name any host file the process could read, and loading it mapped that
+// file into the guest. Now the caller says which files a snapshot file may map: by default
+// none, else those under given directories (after symlinks are resolved) or those a callback
+// accepts.
+TEST_F(snapshot_file_e2e, a_snapshot_file_maps_only_host_files_the_caller_allows) {
+  const auto data = path("data.bin");
+  std::ofstream(data, std::ios::binary).write("\x01\x02\x03\x04", 4);
+  // The file is mapped through a symlinked directory that leads out of `elsewhere`.
+  const auto elsewhere = path("elsewhere");
+  std::filesystem::create_directory(elsewhere);
+  std::filesystem::create_directory_symlink(dir(), elsewhere + "/link");
+  auto c = config_for("memory_test");
+  c.files.push_back({elsewhere + "/link/data.bin", "data", 0});
+  auto sb = sandbox::create(c);
+  ASSERT_TRUE(sb) << sb.err().message();
+  auto snap = (*sb)->take_snapshot();
+  ASSERT_TRUE(snap);
+  const auto file = path("files.ksnap");
+  ASSERT_TRUE(snap->save(file));
+
+  auto refused = snapshot::load(file); // the default allows no mapped file
+  ASSERT_FALSE(refused);
+  EXPECT_EQ(refused.code(), memory::memory_errc::file_not_allowed);
+  EXPECT_NE(refused.err().detail.find("'data'"), std::string::npos) << refused.err().message();
+  // The recorded path lies under `elsewhere`, the file it leads to does not.
+  EXPECT_EQ(snapshot::load(file, {{elsewhere}, {}}).code(), memory::memory_errc::file_not_allowed);
+
+  std::vector<std::string> asked;
+  auto by_callback = snapshot::load(file, {{}, [&](std::string_view name, const std::string& p) {
+                                             asked.push_back(std::string(name) + "=" + p);
+                                             return true;
+                                           }});
+  ASSERT_TRUE(by_callback) << by_callback.err().message();
+  ASSERT_EQ(asked.size(), 1u);
+  EXPECT_EQ(asked[0], "data=" + std::filesystem::canonical(data).string());
+  auto child = sandbox::create(*by_callback, {}, config_for("memory_test"));
+  ASSERT_TRUE(child) << child.err().message();
+  EXPECT_EQ(as<std::uint64_t>((*child)->call("file_sum", std::string("data"))), 10u);
+  EXPECT_TRUE(snapshot::load(file, mapped_file_policy::any()));
+  EXPECT_TRUE(snapshot::load(file, {{dir()}, {}}));
+  // A snapshot that maps nothing needs no policy.
+  auto plain = make("memory_test");
+  ASSERT_NE(plain, nullptr);
+  auto nothing = plain->take_snapshot();
+  ASSERT_TRUE(nothing);
+  ASSERT_TRUE(nothing->save(path("plain.ksnap")));
+  EXPECT_TRUE(snapshot::load(path("plain.ksnap")));
 }
 
 TEST_F(snapshot_file_e2e, a_damaged_file_is_refused_before_anything_is_built) {

@@ -41,7 +41,7 @@ TEST(Errc, EveryVcpuErrcHasAMessage) {
 }
 
 TEST(Errc, EveryMemoryErrcHasAMessage) {
-  expect_every_enumerator_has_a_message(memory::memory_errc::snapshot_parent_mismatch);
+  expect_every_enumerator_has_a_message(memory::memory_errc::file_not_allowed);
 }
 
 TEST(Errc, CategoriesHaveDistinctNames) {

@@ -91,6 +91,31 @@ TEST(cli, map_file_makes_a_host_file_visible_by_name) {
   ::unlink(path);
 }
 
+TEST(cli, a_snapshot_file_maps_host_files_only_where_allowed) {
+  const std::string guest = std::string(KILN_GUEST_DIR) + "/memory_test.elf";
+  char dir[] = "/tmp/kiln-cli-mapped-XXXXXX";
+  ASSERT_NE(::mkdtemp(dir), nullptr);
+  const std::string data = std::string(dir) + "/data.bin";
+  const int fd = ::open(data.c_str(), O_WRONLY | O_CREAT | O_TRUNC, 0644);
+  ASSERT_GE(fd, 0);
+  ASSERT_EQ(::write(fd, "\x01\x02\x03", 3), 3);
+  ::close(fd);
+  const std::string file = std::string(dir) + "/mt.ksnap";
+  auto made = run("snapshot " + guest + " -o " + file + " --map-file " + data + "=data" + emu);
+  ASSERT_EQ(made.status, 0) << made.out;
+  auto refused = run("run --snapshot " + file + " file_sum str:data" + emu);
+  EXPECT_EQ(refused.status, 1);
+  EXPECT_NE(refused.out.find("did not allow"), std::string::npos) << refused.out;
+  auto elsewhere = run("run --snapshot " + file + " file_sum str:data --allow-mapped /usr" + emu);
+  EXPECT_EQ(elsewhere.status, 1) << elsewhere.out;
+  EXPECT_EQ(run("run --snapshot " + file + " file_sum str:data --allow-mapped " + dir + emu).out,
+            "6\n");
+  EXPECT_EQ(run("run --snapshot " + file + " --trust-mapped-files file_sum str:data" + emu).out,
+            "6\n");
+  EXPECT_EQ(run("inspect " + file).status, 0); // describing maps nothing
+  std::filesystem::remove_all(dir);
+}
+
 TEST(cli, snapshot_inspect_verify_and_run_from_a_file) {
   char dir[] = "/tmp/kiln-cli-snap-XXXXXX";
   ASSERT_NE(::mkdtemp(dir), nullptr);
