@@ -294,7 +294,7 @@ result<void> persist(const std::string& path, const sealed_header& header,
     return errno_error("ftruncate snapshot file");
   KILN_TRY(write_exact(fd, meta, h.meta_offset));
   bool kernel_copy = true;
-  std::vector<std::byte> buf(detail::copy_buffer_size);
+  std::vector<std::byte> buf(detail::copy_buffer_for(sources));
   for (const auto& s : sources)
     KILN_TRY(
         copy_range(s.fd, s.base + s.lo, fd, h.data_offset + s.lo, s.hi - s.lo, kernel_copy, buf));

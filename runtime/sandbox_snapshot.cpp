@@ -131,18 +131,6 @@ result<void> snapshot::save(const std::string& path, const save_options& options
 
 namespace {
 
-/// The state a chain's top file describes, with every check a load makes of it: the guest ABI,
-/// then each section by its owner (layout, regions, CPU state, protections, page tables, files,
-/// host functions, working set).
-result<void> decode_state(const memory::snapshot_chain& chain, detail::snapshot_state& s) {
-  const auto& top = chain.top();
-  if (top.info().guest_abi_major != KILN_ABI_VERSION_MAJOR)
-    return error(memory::memory_errc::snapshot_unsupported,
-                 fmt::format("guest ABI {} (kiln speaks {})", top.info().guest_abi_major,
-                             KILN_ABI_VERSION_MAJOR));
-  return detail::decode_sections(top.info().sections, top.info().memory_size, s);
-}
-
 /// `path` with symlinks, `.` and `..` resolved; the file must exist.
 result<std::string> resolved(const std::string& path) {
   std::unique_ptr<char, decltype(&std::free)> r(::realpath(path.c_str(), nullptr), &std::free);
@@ -185,7 +173,7 @@ result<snapshot> snapshot::load(const std::string& path, const mapped_file_polic
   KILN_TRY_ASSIGN(auto chain, memory::snapshot_chain::open(path));
   const auto& top = chain.top();
   auto s = std::make_shared<detail::snapshot_state>();
-  KILN_TRY(decode_state(chain, *s));
+  KILN_TRY(detail::decode_state(top.info(), *s));
   KILN_TRY(admit_files(top.path(), s->files, files));
   KILN_TRY_ASSIGN(s->image, chain.image());
   s->id = next_snapshot_id.fetch_add(1);
@@ -240,7 +228,7 @@ result<void> snapshot::verify(const std::string& path) {
   KILN_TRY(chain.verify());
   // Matching checksums are not enough: a file whose state a load refuses must not pass.
   detail::snapshot_state s;
-  KILN_TRY(decode_state(chain, s));
+  KILN_TRY(detail::decode_state(chain.top().info(), s));
   KILN_TRY(chain.image());
   return {};
 }

@@ -1,51 +1,17 @@
 // The `kiln` command-line tool: list backends, run a guest function.
+#include "cli_values.hpp"
+
 #include <kiln/runtime/sandbox.hpp>
 
 #include <CLI/CLI.hpp>
 #include <fmt/format.h>
 
 #include <cstdio>
-#include <optional>
+#include <span>
 #include <string>
 #include <vector>
 
 namespace {
-
-// "16M", "64MiB", "1G", "4096" -> bytes.
-std::optional<std::uint64_t> parse_size(std::string s) {
-  std::uint64_t mult = 1;
-  while (!s.empty() && (s.back() == 'B' || s.back() == 'i' || s.back() == 'b'))
-    s.pop_back();
-  if (!s.empty()) {
-    switch (s.back()) {
-    case 'k':
-    case 'K':
-      mult = 1ull << 10;
-      s.pop_back();
-      break;
-    case 'm':
-    case 'M':
-      mult = 1ull << 20;
-      s.pop_back();
-      break;
-    case 'g':
-    case 'G':
-      mult = 1ull << 30;
-      s.pop_back();
-      break;
-    default:
-      break;
-    }
-  }
-  if (s.empty() || s.find_first_not_of("0123456789") != std::string::npos) return std::nullopt;
-  try {
-    const std::uint64_t v = std::stoull(s);
-    if (v > (~0ull) / mult) return std::nullopt;
-    return v * mult;
-  } catch (...) {
-    return std::nullopt;
-  }
-}
 
 int cmd_backends() {
   for (auto k : {kiln::vcpu::backend_kind::kvm, kiln::vcpu::backend_kind::emulated}) {
@@ -106,50 +72,46 @@ int parse_run(run_options& o, kiln::sandbox_config& cfg, std::vector<kiln::value
   cfg.guest_path = o.guest;
   auto backend = kiln::vcpu::parse_backend_choice(o.backend);
   if (!backend) {
-    fmt::print(stderr, "kiln: {}\n", backend.err().message());
+    fmt::print(stderr, "kiln: --backend: {}\n", backend.err().message());
     return 2;
   }
   cfg.backend = *backend;
-  auto mem = parse_size(o.memory), stack = parse_size(o.stack);
-  if (!mem || !stack) {
-    fmt::print(stderr, "kiln: bad size '{}' (use e.g. 16M, 1G)\n", !mem ? o.memory : o.stack);
-    return 2;
-  }
-  cfg.memory_size = *mem;
-  cfg.stack_size = *stack;
-  auto heap = parse_size(o.heap);
-  if (!heap) {
-    fmt::print(stderr, "kiln: bad size '{}' (use e.g. 16M, 1G)\n", o.heap);
-    return 2;
-  }
-  cfg.heap_size = *heap;
-  for (const auto& m : o.map_files) {
-    // PATH=NAME names the file for the guest; a plain PATH is found under its file name.
-    const auto eq = m.rfind('=');
-    kiln::file_mapping f;
-    f.path = eq == std::string::npos ? m : m.substr(0, eq);
-    if (eq != std::string::npos) f.name = m.substr(eq + 1);
-    cfg.files.push_back(std::move(f));
-  }
-  for (const auto& a : o.args) {
-    auto v = kiln::parse_value(a);
+  struct {
+    const char* option;
+    const std::string& text;
+    std::uint64_t& out;
+  } const sizes[] = {{"--memory", o.memory, cfg.memory_size},
+                     {"--stack", o.stack, cfg.stack_size},
+                     {"--heap", o.heap, cfg.heap_size}};
+  for (const auto& s : sizes) {
+    auto v = kiln::cli::parse_size(s.text);
     if (!v) {
-      fmt::print(stderr, "kiln: bad argument {}\n", v.err().message());
+      fmt::print(stderr, "kiln: {}: {}\n", s.option, v.err().message());
       return 2;
     }
-    args.push_back(std::move(*v));
+    s.out = *v;
   }
-  cfg.load.count_faults = true; // the load report prints them
-  if (o.load == "prefetch")
-    cfg.load.mode = kiln::load_mode::prefetch;
-  else if (o.load == "demand")
-    cfg.load.mode = kiln::load_mode::demand;
-  else if (o.load == "eager")
-    cfg.load.mode = kiln::load_mode::eager;
-  else {
-    fmt::print(stderr, "kiln: --load is prefetch, demand or eager, not '{}'\n", o.load);
+  for (const auto& m : o.map_files) {
+    auto f = kiln::cli::parse_file_mapping(m);
+    if (!f) {
+      fmt::print(stderr, "kiln: --map-file: {}\n", f.err().message());
+      return 2;
+    }
+    cfg.files.push_back(std::move(*f));
+  }
+  auto values = kiln::cli::parse_call_args(o.args);
+  if (!values) {
+    fmt::print(stderr, "kiln: bad argument: {}\n", values.err().message());
     return 2;
   }
+  args = std::move(*values);
+  cfg.load.count_faults = true; // the load report prints them
+  auto mode = kiln::cli::parse_load_mode(o.load);
+  if (!mode) {
+    fmt::print(stderr, "kiln: --load: {}\n", mode.err().message());
+    return 2;
+  }
+  cfg.load.mode = *mode;
   return 0;
 }
 
@@ -269,17 +231,24 @@ int cmd_snapshot(const std::string& guest, const std::string& out, const std::st
   kiln::sandbox_config cfg;
   cfg.guest_path = guest;
   auto b = kiln::vcpu::parse_backend_choice(backend);
-  auto mem = parse_size(memory);
-  if (!b || !mem) {
-    fmt::print(stderr, "kiln: bad {}\n", !b ? "backend" : "memory size");
+  if (!b) {
+    fmt::print(stderr, "kiln: --backend: {}\n", b.err().message());
+    return 2;
+  }
+  auto mem = kiln::cli::parse_size(memory);
+  if (!mem) {
+    fmt::print(stderr, "kiln: --memory: {}\n", mem.err().message());
     return 2;
   }
   cfg.backend = *b;
   cfg.memory_size = *mem;
   for (const auto& m : map_files) {
-    const auto eq = m.rfind('=');
-    cfg.files.push_back({eq == std::string::npos ? m : m.substr(0, eq),
-                         eq == std::string::npos ? std::string() : m.substr(eq + 1), 0});
+    auto f = kiln::cli::parse_file_mapping(m);
+    if (!f) {
+      fmt::print(stderr, "kiln: --map-file: {}\n", f.err().message());
+      return 2;
+    }
+    cfg.files.push_back(std::move(*f));
   }
   auto sb = kiln::sandbox::create(cfg, cli_host_functions());
   if (!sb) {
@@ -294,14 +263,10 @@ int cmd_snapshot(const std::string& guest, const std::string& out, const std::st
   if (!record.empty()) {
     // Run the recording call in a sandbox started from the snapshot, and keep the pages it
     // touched as the file's working set.
-    std::vector<kiln::value> args;
-    for (std::size_t i = 1; i < record.size(); ++i) {
-      auto v = kiln::parse_value(record[i]);
-      if (!v) {
-        fmt::print(stderr, "kiln: bad argument {}\n", v.err().message());
-        return 2;
-      }
-      args.push_back(std::move(*v));
+    auto args = kiln::cli::parse_call_args(std::span(record).subspan(1));
+    if (!args) {
+      fmt::print(stderr, "kiln: bad argument: {}\n", args.err().message());
+      return 2;
     }
     auto rsb = kiln::sandbox::create(*snap, cli_host_functions(), cfg);
     if (!rsb) {
@@ -312,7 +277,7 @@ int cmd_snapshot(const std::string& guest, const std::string& out, const std::st
       fmt::print(stderr, "kiln: cannot record: {}\n", r.err().message());
       return 1;
     }
-    if (auto r = (*rsb)->call(record[0], args); !r) {
+    if (auto r = (*rsb)->call(record[0], *args); !r) {
       fmt::print(stderr, "kiln: recording call {} failed: {}\n", record[0], r.err().message());
       return 1;
     }

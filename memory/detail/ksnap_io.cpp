@@ -32,7 +32,7 @@ result<void> read_exact(int fd, std::span<std::byte> out, std::uint64_t off, con
 result<std::vector<std::uint32_t>> chunk_crcs(std::span<const source> sources,
                                               std::uint64_t memory_size) {
   std::vector<std::uint32_t> crcs(chunk_count_for(memory_size));
-  std::vector<std::byte> buf(copy_buffer_size);
+  std::vector<std::byte> buf(copy_buffer_for(sources));
   std::size_t next = 0;
   for (std::uint64_t c = 0; c < crcs.size(); ++c) {
     const std::uint64_t clo = c * ksnap::chunk_size;

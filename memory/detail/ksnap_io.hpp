@@ -4,6 +4,7 @@
 #include <kiln/memory/snapshot_file.hpp>
 #include <kiln/support/result.hpp>
 
+#include <algorithm>
 #include <array>
 #include <cstddef>
 #include <cstdint>
@@ -39,6 +40,15 @@ struct source {
   int fd = -1;
   std::uint64_t base = 0;
 };
+
+/// The size of a buffer that copies `sources` piece by piece: copy_buffer_size, or the largest
+/// source when all are smaller (a small file need not allocate and zero a whole MiB per read).
+inline std::size_t copy_buffer_for(std::span<const source> sources) {
+  std::uint64_t largest = 0;
+  for (const source& s : sources)
+    largest = std::max(largest, s.hi - s.lo);
+  return static_cast<std::size_t>(std::min<std::uint64_t>(largest, copy_buffer_size));
+}
 
 /// CRC32C of each chunk of [0, memory_size) as the guest sees it: `sources` (sorted, disjoint,
 /// inside memory) read from their files, zero everywhere else (whatever a file holds there).

@@ -230,4 +230,12 @@ result<void> decode_sections(const std::vector<memory::snapshot_section>& sectio
   return {};
 }
 
+result<void> decode_state(const memory::snapshot_file_info& info, snapshot_state& s) {
+  if (info.guest_abi_major != KILN_ABI_VERSION_MAJOR)
+    return error(
+        memory::memory_errc::snapshot_unsupported,
+        fmt::format("guest ABI {} (kiln speaks {})", info.guest_abi_major, KILN_ABI_VERSION_MAJOR));
+  return decode_sections(info.sections, info.memory_size, s);
+}
+
 } // namespace kiln::detail

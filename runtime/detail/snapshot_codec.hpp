@@ -42,4 +42,10 @@ std::vector<memory::snapshot_section> encode_sections(const snapshot_state& s);
 result<void> decode_sections(const std::vector<memory::snapshot_section>& sections,
                              std::uint64_t memory_size, snapshot_state& out);
 
+/// The state a snapshot file describes (the top file of a chain: its `info`), with every check
+/// a load makes of it: the guest ABI's major version, then decode_sections. snapshot::load,
+/// snapshot::verify and the fuzzers share it. Errors: snapshot_unsupported (guest ABI),
+/// decode_sections'.
+result<void> decode_state(const memory::snapshot_file_info& info, snapshot_state& out);
+
 } // namespace kiln::detail
