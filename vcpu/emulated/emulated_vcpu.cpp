@@ -26,6 +26,7 @@
 #include <cstring>
 #include <optional>
 #include <thread>
+#include <vector>
 
 namespace kiln::vcpu::emulated {
 namespace {
@@ -58,33 +59,42 @@ constexpr std::array<int, register_count> gpr_ids{
 // buffer" and calls exit(1): the whole host process ends. 2.0.1 offers no way to make the buffer
 // smaller. So kiln maps the same kind of buffer first, with headroom, and unmaps it: if that
 // fails, creation fails with ENOMEM and a message instead. Engines being built at the same time
-// (on other workers) have not made their own mapping yet, so the check makes room for every one
-// of them, itself included: it never serializes creations, and under pressure it refuses
-// early rather than late. Only a thread outside kiln that takes the room between the check and
-// Unicorn's mmap (about a millisecond later) could still make Unicorn's mmap fail.
+// (on other workers) have not made their own mapping yet, so the check holds one such buffer
+// for every one of them, itself included, at the same time: it never serializes creations, and
+// under pressure it refuses early rather than late. One buffer per mapping, as Unicorn maps
+// them, because the kernel judges each mapping on its own (under heuristic overcommit a single
+// 25 GiB mapping is refused on a 24 GiB machine where 23 of 1 GiB are not). Only a thread
+// outside kiln that takes the room between the check and Unicorn's mmap (about a millisecond
+// later) could still make Unicorn's mmap fail.
 constexpr std::uint64_t translation_buffer_bytes = 1ull << 30;
 constexpr std::uint64_t translation_headroom_bytes = 64ull << 20;
 
 std::atomic<unsigned> engines_building{0};
 
 result<void> check_room_for_engines(unsigned engines) {
-  const std::uint64_t bytes =
-      std::uint64_t{engines} * (translation_buffer_bytes + translation_headroom_bytes);
-  void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE | PROT_EXEC, MAP_PRIVATE | MAP_ANONYMOUS,
-                   -1, 0);
-  if (p == MAP_FAILED) {
-    const int err = errno;
-    std::string limit = "unlimited";
-    if (rlimit rl{}; ::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
-      limit = fmt::format("{} MiB", rl.rlim_cur >> 20);
-    return error(std::error_code(err, std::generic_category()),
-                 fmt::format("the emulator needs {} MiB of writable, executable address space for "
-                             "its translation buffer ({} being built at once) and the host "
-                             "refused it (mmap: {}; address space limit {})",
-                             bytes >> 20, engines, std::strerror(err), limit));
+  constexpr std::uint64_t bytes = translation_buffer_bytes + translation_headroom_bytes;
+  std::vector<void*> held;
+  held.reserve(engines);
+  int err = 0;
+  for (unsigned i = 0; i < engines && err == 0; ++i) {
+    void* p = ::mmap(nullptr, bytes, PROT_READ | PROT_WRITE | PROT_EXEC,
+                     MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    if (p == MAP_FAILED)
+      err = errno;
+    else
+      held.push_back(p);
   }
-  ::munmap(p, bytes);
-  return {};
+  for (void* p : held)
+    ::munmap(p, bytes);
+  if (err == 0) return {};
+  std::string limit = "unlimited";
+  if (rlimit rl{}; ::getrlimit(RLIMIT_AS, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY)
+    limit = fmt::format("{} MiB", rl.rlim_cur >> 20);
+  return error(std::error_code(err, std::generic_category()),
+               fmt::format("the emulator needs {} MiB of writable, executable address space for "
+                           "its translation buffer ({} of them being built at once) and the host "
+                           "refused it (mmap: {}; address space limit {})",
+                           bytes >> 20, engines, std::strerror(err), limit));
 }
 
 class emulated_vcpu final : public vcpu {
