@@ -25,17 +25,27 @@ result<backend_choice> parse_backend_choice(std::string_view name) {
   return error(vcpu_errc::unknown_backend, std::string(name) + " (expected auto, kvm or emulated)");
 }
 
-backend_status probe(backend_kind kind) {
-  // Probing opens /dev/kvm or starts an engine: do it once per process and backend.
+namespace {
+
+/// Probing opens /dev/kvm and runs a probe guest, or starts an engine: done once per process
+/// and backend, on first use.
+const backend_status& probed(backend_kind kind) {
   static const backend_status kvm_status = kvm::probe();
   static const backend_status emulated_status = emulated::probe();
+  static const backend_status unknown{kind, false, "unknown backend"};
   switch (kind) {
   case backend_kind::kvm:
     return kvm_status;
   case backend_kind::emulated:
     return emulated_status;
   }
-  return {kind, false, "unknown backend"};
+  return unknown;
+}
+
+} // namespace
+
+backend_status probe(backend_kind kind) {
+  return probed(kind);
 }
 
 result<backend_kind> resolve(backend_choice choice) {
@@ -65,6 +75,10 @@ result<backend_kind> resolve(backend_choice choice) {
 result<std::unique_ptr<vcpu>> create(backend_kind kind) {
   switch (kind) {
   case backend_kind::kvm:
+    // A /dev/kvm that opens but cannot run kiln's guests (the probe guest failed) is refused
+    // here too, not at the first instruction of each sandbox.
+    if (const auto& st = probed(kind); !st.usable)
+      return error(vcpu_errc::backend_unavailable, std::string("kvm: ") + st.reason);
     return kvm::create();
   case backend_kind::emulated:
     return emulated::create();

@@ -29,7 +29,9 @@ struct backend_status {
   std::string reason; // why not usable, or a short description when usable
 };
 
-/// Probes one backend (opens /dev/kvm and checks its API; creates and drops a Unicorn engine).
+/// Probes one backend, once per process (the answer is kept): KVM opens /dev/kvm, checks its API
+/// and runs a few instructions of a kiln guest (vcpu/x86_64/probe_guest.hpp), since a /dev/kvm
+/// can open and still be unable to run one; the emulated backend creates and drops an engine.
 backend_status probe(backend_kind kind);
 
 /// Resolves `automatic` (honouring KILN_BACKEND) to a concrete, usable backend.
@@ -110,7 +112,8 @@ protected:
   vcpu() = default;
 };
 
-/// Creates a vCPU of a concrete backend.
+/// Creates a vCPU of a concrete backend. KVM is refused (backend_unavailable, with the probe's
+/// reason) where probe() found it unusable.
 result<std::unique_ptr<vcpu>> create(backend_kind kind);
 
 } // namespace kiln::vcpu

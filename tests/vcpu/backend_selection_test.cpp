@@ -204,6 +204,9 @@ TEST(backend_selection, create_kvm_fails_cleanly_where_kvm_is_unusable) {
   auto v = create(backend_kind::kvm);
   ASSERT_FALSE(v);
   EXPECT_EQ(v.code(), vcpu_errc::backend_unavailable) << v.err().message();
+  // The probe's reason, whichever it was: no /dev/kvm, or one that cannot run the probe guest.
+  EXPECT_NE(v.err().detail.find(probe(backend_kind::kvm).reason), std::string::npos)
+      << v.err().detail;
 }
 
 } // namespace

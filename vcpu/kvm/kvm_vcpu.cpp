@@ -9,6 +9,7 @@
 #include <kiln/vcpu/kvm/detail/kvm_ioctls.hpp>
 #include <kiln/vcpu/kvm/x86_64/kvm_state.hpp>
 #include <kiln/vcpu/vcpu_errc.hpp>
+#include <kiln/vcpu/x86_64/probe_guest.hpp>
 
 #include <fmt/format.h>
 
@@ -21,6 +22,7 @@
 #include <vector>
 
 #include <linux/kvm.h>
+#include <unistd.h>
 
 namespace kiln::vcpu::kvm {
 
@@ -413,6 +415,22 @@ backend_status probe() {
   }
   if (auto vm = sys->create_vm(); !vm) {
     status.reason = vm.err().detail;
+    return status;
+  }
+  // A KVM that opens and creates VMs may still be unable to run a kiln guest (see
+  // run_probe_guest): run one, once per process, before calling KVM usable.
+  auto cpu = kvm_backend::create();
+  if (!cpu) {
+    status.reason = cpu.err().message();
+    return status;
+  }
+  if (auto ran = kiln::vcpu::x86_64::run_probe_guest(std::move(*cpu)); !ran) {
+    status.reason = "/dev/kvm opens, but " + ran.err().detail;
+    if (::access("/sys/module/kvm_pvm", F_OK) == 0)
+      status.reason +=
+          " (this host's KVM is PVM, module kvm_pvm: it runs a guest's ring 0 "
+          "in KVM's instruction emulator, which lacks SSE instructions every kiln guest "
+          "uses)";
     return status;
   }
   status.usable = true;
