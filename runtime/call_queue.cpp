@@ -267,6 +267,7 @@ sandbox_core::~sandbox_core() {
   if (destroyed) return;
   w->sandboxes.fetch_sub(1);
   rt->alive.fetch_sub(1);
+  rt->sandbox_freed(); // just after this body, with `sb`
 }
 
 void sandbox_core::maybe_destroy() {
@@ -279,6 +280,7 @@ void sandbox_core::maybe_destroy() {
   }
   w->sandboxes.fetch_sub(1);
   rt->alive.fetch_sub(1);
+  rt->sandbox_freed();
   {
     std::lock_guard lock(rt->cores_mu);
     std::erase_if(rt->cores, [this](const std::weak_ptr<sandbox_core>& c) {

@@ -45,6 +45,12 @@ struct runtime_options {
   std::chrono::microseconds time_slice{10'000};
   /// Calls waiting per sandbox (the running one excluded); beyond it errc::queue_full.
   std::size_t max_queued_calls = 1024;
+  /// Once this many sandboxes were destroyed since the last time, the runtime hands the memory
+  /// they freed back to the system (glibc's malloc_trim(0)), on a thread of its own, when
+  /// destruction pauses for 100 ms, or every second while it goes on and once more after.
+  /// Without it the C library keeps freed memory for reuse: 2,000 emulated sandboxes destroyed
+  /// left 1.9 GiB resident, and the trim that gave it back took 167 ms. 0: never.
+  std::uint32_t return_memory_after = 64;
 };
 
 struct call_options {
@@ -57,8 +63,9 @@ struct runtime_stats {
   std::uint64_t calls = 0;     // guest calls completed, successfully or not
   // Sandbox operations completed, successfully or not; each is queued in order with the calls.
   std::uint64_t maps = 0, unmaps = 0, snapshots = 0, restores = 0;
-  std::uint64_t preemptions = 0; // time slices that ended with a kick
-  std::uint64_t stale_kicks = 0; // kicks that arrived after their call had finished
+  std::uint64_t preemptions = 0;    // time slices that ended with a kick
+  std::uint64_t stale_kicks = 0;    // kicks that arrived after their call had finished
+  std::uint64_t memory_returns = 0; // trims done (runtime_options::return_memory_after)
 };
 
 namespace detail {

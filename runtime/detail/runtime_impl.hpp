@@ -102,11 +102,28 @@ struct runtime_impl : std::enable_shared_from_this<runtime_impl> {
   std::array<std::atomic<std::uint64_t>, 5> completed{}; // by op_kind
   std::atomic<std::uint64_t> preemptions{0}, stale_kicks{0}, alive{0};
 
+  // Handing freed memory back (runtime_options::return_memory_after). The counters are written
+  // by whichever thread destroys a sandbox; the rest belongs to the service thread (S) or to
+  // the trim thread while `trimming`.
+  std::atomic<std::uint32_t> destroyed_since_trim{0};
+  std::atomic<std::uint64_t> destroyed_total{0}, memory_returns{0};
+  std::atomic<bool> trimming{false};
+  asio::steady_timer trim_timer{service}; // (S)
+  bool trim_pending = false;              // (S) the timer is armed
+  bool trim_owed = false;                 // (S) a trim ran while destruction went on
+  std::uint64_t trim_seen = 0;            // (S) destroyed_total when the timer was armed
+  clock_type::time_point trim_since;      // (S) when this wait for a pause began
+  std::thread trimmer;                    // (S) joined before the next one, and by stop()
+
   void count(op_kind k) noexcept { completed[static_cast<std::size_t>(k)].fetch_add(1); }
 
   void start();
   void tick_slices();
   worker& pick_worker();
+  /// A sandbox's memory was freed (any thread).
+  void sandbox_freed() noexcept;
+  void request_trim(); // (S)
+  void check_trim();   // (S)
 };
 
 struct sandbox_core : std::enable_shared_from_this<sandbox_core> {

@@ -12,6 +12,25 @@ namespace asio = boost::asio;
 
 class churn_stress : public stress_test {
 protected:
+  // Waits until the runtime has handed back the memory of the sandboxes destroyed so far: a
+  // return has happened since `seen`, and none for 300 ms (the runtime waits for destruction to
+  // pause 100 ms, then trims on a thread of its own).
+  static void memory_returned(runtime& rt, std::uint64_t& seen) {
+    const auto until = clock_type::now() + scaled_budget(std::chrono::seconds(10));
+    std::uint64_t n = rt.stats().memory_returns;
+    while (n <= seen && clock_type::now() < until) {
+      std::this_thread::sleep_for(std::chrono::milliseconds(20));
+      n = rt.stats().memory_returns;
+    }
+    for (std::uint64_t was = n - 1; was != n && clock_type::now() < until;) {
+      was = n;
+      std::this_thread::sleep_for(std::chrono::milliseconds(300));
+      n = rt.stats().memory_returns;
+    }
+    EXPECT_GT(n, seen) << "no memory return after the round";
+    seen = n;
+  }
+
   // Each of `threads` threads creates `per_thread` sandboxes, waits until every thread holds all
   // of its own (the peak), calls each, then destroys them. Returns the counters at the peak.
   proc_counters round(runtime& rt, std::size_t threads, std::size_t per_thread, const watchdog& dog,
@@ -55,51 +74,72 @@ TEST_F(churn_stress, counters_return_to_baseline) {
   watchdog dog("churn", 240s + std::chrono::seconds(threads * per_thread / 10));
   const auto t0 = clock_type::now();
   const long at_start = thread_count(); // this thread and the watchdog's
-  // Warm-up at the same thread count: process-wide state that stays by design (the backend
-  // probe, glibc's malloc arenas for that many threads, Unicorn's one-time initialisation).
+  // The runtime hands freed memory back by itself (runtime_options::return_memory_after); each
+  // reading below waits until it has, for the round just ended.
+  runtime_options opts;
+  // At most one per thread, so that the idle round (one sandbox a thread) reaches it too.
+  opts.return_memory_after = static_cast<std::uint32_t>(std::min<std::size_t>(16, threads));
+  // Warm-up, one whole round: process-wide state that stays by design (the backend probe,
+  // Unicorn's one-time initialisation, glibc's malloc arenas for that many threads, and the
+  // 64 MiB heaps those arenas reserved as they grew: address space, whose pages were handed
+  // back, which the next round reuses).
   {
-    runtime rt;
-    round(rt, threads, 1, dog, wrong);
+    runtime rt(opts);
+    std::uint64_t seen = 0;
+    round(rt, threads, per_thread, dog, wrong);
+    memory_returned(rt, seen);
   }
   const proc_counters before_runtime = read_proc_settled(at_start);
   proc_counters idle, peak, after, peak2, after2, trimmed;
-  std::uint64_t alive_after = 0;
+  double trim_ms = 0;
+  std::uint64_t alive_after = 0, returns = 0;
   {
-    runtime rt;
+    runtime rt(opts);
+    std::uint64_t seen = 0;
     round(rt, threads, 1, dog, wrong);
+    memory_returned(rt, seen);
     // The runtime's threads (its workers and its service thread), no sandbox.
-    idle = read_proc_settled(before_runtime.threads + static_cast<long>(rt.worker_count()) + 1);
+    const long idle_threads = before_runtime.threads + static_cast<long>(rt.worker_count()) + 1;
+    idle = read_proc_settled(idle_threads);
     peak = round(rt, threads, per_thread, dog, wrong);
-    after = read_proc_settled(idle.threads);
+    memory_returned(rt, seen);
+    after = read_proc_settled(idle_threads);
     peak2 = round(rt, threads, per_thread, dog, wrong); // churn again: nothing may accumulate
-    after2 = read_proc_settled(idle.threads);
+    memory_returned(rt, seen);
+    after2 = read_proc_settled(idle_threads);
     alive_after = rt.stats().sandboxes;
-    ::malloc_trim(0); // what of the RSS is memory the allocator kept after free()
+    returns = rt.stats().memory_returns;
+    const auto trim_start = clock_type::now();
+    ::malloc_trim(0); // what the runtime's own return left for the allocator to give back
+    trim_ms = std::chrono::duration<double, std::milli>(clock_type::now() - trim_start).count();
     trimmed = read_proc();
   }
   const proc_counters end = read_proc_settled(before_runtime.threads);
   const double secs = std::chrono::duration<double>(clock_type::now() - t0).count();
-  std::printf("[ stress   ] 2 x %zu sandboxes from %zu threads: %.1f s\n", threads * per_thread,
-              threads, secs);
+  std::printf("[ stress   ] 3 x %zu sandboxes from %zu threads: %.1f s; the runtime returned "
+              "memory %llu times; a malloc_trim after that took %.1f ms\n",
+              threads * per_thread, threads, secs, static_cast<unsigned long long>(returns),
+              trim_ms);
   for (auto& [name, c] : {std::pair{"no runtime", before_runtime},
                           {"idle runtime", idle},
                           {"peak (all alive)", peak},
                           {"after destroy", after},
                           {"peak, 2nd round", peak2},
                           {"after 2nd round", after2},
-                          {"after malloc_trim", trimmed},
+                          {"then malloc_trim", trimmed},
                           {"runtime gone", end}})
     std::printf("[ stress   ]   %-18s %s\n", name, c.str().c_str());
   EXPECT_EQ(wrong.load(), 0u);
   EXPECT_EQ(alive_after, 0u);
   // Back to the idle runtime once every sandbox is destroyed, after each round (a leaked
-  // sandbox would hold several mappings: hundreds in all) ...
-  for (const proc_counters* c : {&after, &after2}) {
-    EXPECT_LE(c->fds, idle.fds + 2) << c->str();
-    EXPECT_EQ(c->threads, idle.threads) << c->str();
+  // sandbox would hold several mappings: hundreds in all), and to the process without a
+  // runtime once the runtime is gone (ADVERSARIAL 23: within 2%).
+  const std::pair<const proc_counters*, const proc_counters*> checks[] = {
+      {&after, &idle}, {&after2, &idle}, {&end, &before_runtime}};
+  for (const auto& [c, base] : checks) {
+    EXPECT_EQ(c->fds, base->fds) << c->str();
+    EXPECT_EQ(c->threads, base->threads) << c->str();
   }
-  EXPECT_LE(end.fds, before_runtime.fds + 2);
-  EXPECT_EQ(end.threads, before_runtime.threads);
   if (under_sanitizer) {
     // The sanitizer's allocator maps, keeps (quarantine) and replaces memory on its own: the
     // mapping and memory figures above are printed but not compared.
@@ -107,20 +147,23 @@ TEST_F(churn_stress, counters_return_to_baseline) {
   }
   // Each sandbox has its own memory mapping at least.
   EXPECT_GE(peak.maps, idle.maps + static_cast<long>(threads * per_thread));
-  for (const proc_counters* c : {&after, &after2}) {
-    EXPECT_LE(c->maps, idle.maps + 8) << c->str();
-    EXPECT_LE(c->heap_kib, idle.heap_kib + (8 << 10)) << c->str(); // no live allocation left
+  for (const auto& [c, base] : checks) {
+    EXPECT_LE(c->heap_kib, base->heap_kib + (8 << 10)) << c->str(); // no live allocation left
+    // RSS: 2%, or 4 MiB where 2% is less (pages of the libraries and the test touched again).
+    EXPECT_LE(c->rss_kib, base->rss_kib + std::max(4l << 10, base->rss_kib / 50))
+        << c->str() << "; baseline " << base->str();
   }
-  // ... RSS flat from one round to the next (the allocator may keep freed memory, but reuses it)
-  const long peak_growth_kib = peak.rss_kib - idle.rss_kib;
-  EXPECT_LE(after2.rss_kib, after.rss_kib + std::max(32l << 10, peak_growth_kib / 10))
-      << "RSS grew from " << after.rss_kib / 1024 << " to " << after2.rss_kib / 1024
-      << " MiB over a second round";
-  // ... and back to the process without a runtime once the runtime is gone.
-  EXPECT_LE(end.maps, before_runtime.maps + 8);
-  EXPECT_LE(end.rss_kib, before_runtime.rss_kib + std::max(64l << 10, peak_growth_kib / 10))
-      << "RSS " << end.rss_kib / 1024 << " MiB, " << before_runtime.rss_kib / 1024
-      << " MiB before the runtime";
+  // Mappings. While the runtime lives, the malloc arenas of its worker threads keep the 64 MiB
+  // heaps they grew into during a round (about 50 mappings for 2,000 emulated sandboxes), their
+  // pages handed back: freed chunks in each thread's cache pin them until the thread ends. So
+  // the first round's end is the baseline for the second (nothing may accumulate), and the
+  // process without a runtime for the runtime gone.
+  const std::pair<const proc_counters*, const proc_counters*> map_checks[] = {
+      {&after2, &after}, {&end, &before_runtime}};
+  // 2%, or 8 mappings (four arena heaps with their guard areas) where 2% is fewer.
+  for (const auto& [c, base] : map_checks)
+    EXPECT_LE(c->maps, base->maps + std::max(8l, base->maps / 50))
+        << c->str() << "; baseline " << base->str();
 }
 
 // Whole runtimes created, used and destroyed in a row: each owns threads and io_contexts (fds),
