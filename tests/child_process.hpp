@@ -2,6 +2,7 @@
 // lowered resource limit, or code that might end the whole process when kiln gets it wrong.
 #pragma once
 
+#include <sys/mman.h>
 #include <sys/resource.h>
 #include <sys/wait.h>
 #include <unistd.h>
@@ -67,6 +68,38 @@ inline bool limit_open_files(std::uint64_t count) {
   if (::getrlimit(RLIMIT_NOFILE, &rl) != 0) return false;
   rl.rlim_cur = count;
   return ::setrlimit(RLIMIT_NOFILE, &rl) == 0;
+}
+
+/// Memory mappings of this process now (lines of /proc/self/maps).
+inline std::uint64_t mapping_count() {
+  std::ifstream f("/proc/self/maps");
+  std::uint64_t n = 0;
+  for (std::string line; std::getline(f, line);)
+    ++n;
+  return n;
+}
+
+/// Uses up this process's mappings until only `spare` are left below vm.max_map_count, which
+/// is system-wide and not to be lowered by a test: one reservation, every other page of it made
+/// readable, so that each page is a mapping of its own. Only for a child (the pages stay).
+/// False when the limit cannot be read or the kernel refused first.
+inline bool limit_mappings(std::uint64_t spare) {
+  std::ifstream f("/proc/sys/vm/max_map_count");
+  std::uint64_t max = 0;
+  if (!(f >> max) || max == 0) return false;
+  const std::uint64_t now = mapping_count();
+  if (now + spare >= max) return true;
+  const std::uint64_t wanted = max - spare - now; // new mappings to make
+  const auto page = static_cast<std::uint64_t>(::sysconf(_SC_PAGESIZE));
+  // 2k+1 pages cut as none/read/none/... give 2k+1 mappings.
+  const std::uint64_t pages = wanted | 1;
+  void* base =
+      ::mmap(nullptr, pages * page, PROT_NONE, MAP_PRIVATE | MAP_ANONYMOUS | MAP_NORESERVE, -1, 0);
+  if (base == MAP_FAILED) return false;
+  auto* p = static_cast<char*>(base);
+  for (std::uint64_t i = 1; i + 1 < pages; i += 2)
+    if (::mprotect(p + i * page, page, PROT_READ) != 0) return false;
+  return true;
 }
 
 } // namespace kiln::test

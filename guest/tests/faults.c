@@ -259,6 +259,19 @@ FN(log_flood) {
   return KILN_STATUS_OK;
 }
 
+/* ADVERSARIAL 8, at its worst: 16 records of the largest size the log port carries (the whole
+ * 64 KiB output buffer), 1 MiB a call; returns the record count. */
+FN(log_flood_max) {
+  UNUSED;
+  static char record[64 << 10];
+  for (unsigned i = 0; i < sizeof record; ++i)
+    record[i] = (char)('A' + i % 26);
+  for (int i = 0; i < 16; ++i)
+    kiln_log(record, sizeof record);
+  r->i32 = 16;
+  return KILN_STATUS_OK;
+}
+
 /* ---- Surface probing (ADVERSARIAL 14): what the CPU shows the guest, and what it refuses ---- */
 
 static void cpuid(uint32_t leaf, uint32_t* eax, uint32_t* ebx, uint32_t* ecx, uint32_t* edx) {
@@ -377,6 +390,7 @@ void kiln_guest_init(void) {
       {"malloc_until_fail", malloc_until_fail},
       {"log_hello", log_hello},
       {"log_flood", log_flood},
+      {"log_flood_max", log_flood_max},
       {"cpuid_1_ecx", cpuid_1_ecx},
       {"cpuid_ext_ecx", cpuid_ext_ecx},
       {"rdmsr_vmx_basic", rdmsr_vmx_basic},

@@ -1,7 +1,8 @@
-// End to end (ADVERSARIAL 24): creating sandboxes until the host runs out of something. Each
-// case runs in a forked child under a lowered limit, since the limit is the process's: the
-// creation that no longer fits fails with a typed error naming what ran out, the process
-// carries on, and the sandboxes made before still answer calls and can be destroyed.
+// End to end (ADVERSARIAL 24): creating sandboxes until the host runs out of something (address
+// space, descriptors, mappings). Each case runs in a forked child under a lowered limit, since the
+// limit is the process's: the creation that no longer fits fails with a typed error naming what ran
+// out, the process carries on, and the sandboxes made before still answer calls and can be
+// destroyed.
 #include "../child_process.hpp"
 #include "backend_fixture.hpp"
 
@@ -105,6 +106,16 @@ TEST_F(resource_limits_test, running_out_of_descriptors_is_a_typed_error_and_the
     return fill_until_refused(std::errc::too_many_files_open, [spare] {
       return limit_open_files(lowest_free_descriptor() + spare);
     });
+  });
+  EXPECT_TRUE(end.exited && end.status == ok) << end.describe();
+}
+
+// vm.max_map_count is system-wide, so the child uses up its own mappings instead, leaving 64:
+// a creation needs more than that in all (guest memory, guard pages, the emulator's buffers), so
+// one runs out part-way through its mappings.
+TEST_F(resource_limits_test, running_out_of_mappings_is_a_typed_error_and_the_rest_carry_on) {
+  const child_end end = run_in_child([this] {
+    return fill_until_refused(std::errc::not_enough_memory, [] { return limit_mappings(64); });
   });
   EXPECT_TRUE(end.exited && end.status == ok) << end.describe();
 }
