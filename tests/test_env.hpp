@@ -4,10 +4,49 @@
 #include <chrono>
 #include <cstdlib>
 #include <filesystem>
+#include <functional>
 #include <string_view>
 #include <thread>
 
+#include <sys/wait.h>
+
 namespace kiln::test {
+
+/// True in an AddressSanitizer build, and in any sanitizer build: a sanitizer's allocator makes
+/// and drops mappings of its own, keeps freed memory (ASan's quarantine) and replaces malloc
+/// (mallinfo2 reads zero), so process counters are compared more loosely or not at all there.
+#if defined(__SANITIZE_ADDRESS__)
+inline constexpr bool under_asan = true;
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+inline constexpr bool under_asan = true;
+#else
+inline constexpr bool under_asan = false;
+#endif
+#else
+inline constexpr bool under_asan = false;
+#endif
+#if defined(__SANITIZE_THREAD__)
+inline constexpr bool under_tsan = true;
+#elif defined(__has_feature)
+#if __has_feature(thread_sanitizer)
+inline constexpr bool under_tsan = true;
+#else
+inline constexpr bool under_tsan = false;
+#endif
+#else
+inline constexpr bool under_tsan = false;
+#endif
+inline constexpr bool under_sanitizer = under_asan || under_tsan;
+
+/// A death test's predicate: killed by `sig`; under AddressSanitizer, whose handler catches
+/// SIGSEGV and SIGBUS, reports the access and exits with status 1, that exit.
+inline std::function<bool(int)> killed_by(int sig) {
+  return [sig](int status) {
+    if (WIFSIGNALED(status) && WTERMSIG(status) == sig) return true;
+    return under_asan && WIFEXITED(status) && WEXITSTATUS(status) == 1;
+  };
+}
 
 /// The number in environment variable `name`, or `fallback` when it is unset, not a number or
 /// below `least`.

@@ -3,6 +3,8 @@
 #include <kiln/memory/file_fault_guard.hpp>
 #include <kiln/memory/memory_errc.hpp>
 
+#include "../test_env.hpp"
+
 #include <gtest/gtest.h>
 
 #include <atomic>
@@ -138,7 +140,7 @@ TEST_F(FileFaultGuardDeathTest, ASigbusAfterTheWatchIsGoneIsNotHandled) {
     ASSERT_TRUE(watch);
   }
   ASSERT_EQ(::ftruncate(fd_, pg), 0);
-  EXPECT_EXIT(read_byte(2 * pg), ::testing::KilledBySignal(SIGBUS), "");
+  EXPECT_EXIT(read_byte(2 * pg), test::killed_by(SIGBUS), "");
   EXPECT_EQ(state_.first_lost.load(), 0u);
   EXPECT_EQ(calls_.load(), 0);
 }
@@ -148,7 +150,7 @@ TEST_F(FileFaultGuardDeathTest, ASigbusOutsideTheWatchedRangeIsNotHandled) {
   auto watch = file_fault_watch::create(base_, pg, &state_);
   ASSERT_TRUE(watch);
   ASSERT_EQ(::ftruncate(fd_, pg), 0);
-  EXPECT_EXIT(read_byte(2 * pg), ::testing::KilledBySignal(SIGBUS), "");
+  EXPECT_EXIT(read_byte(2 * pg), test::killed_by(SIGBUS), "");
   EXPECT_EQ(state_.first_lost.load(), 0u);
 }
 

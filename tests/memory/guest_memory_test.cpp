@@ -2,6 +2,8 @@
 #include <kiln/memory/guest_memory.hpp>
 #include <kiln/memory/layout.hpp>
 
+#include "../test_env.hpp"
+
 #include <gtest/gtest.h>
 
 #include <algorithm>
@@ -403,15 +405,15 @@ TEST_F(GuestMemoryRoom, HostProtectMakesPagesReadOnlyInTheHost) {
   host_write(a, 0x5a);
   ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, 2 * page_size, prot_r));
   EXPECT_EQ(host_read(a), 0x5a) << "still readable";
-  EXPECT_EXIT(host_write(a + page_size + 1, 1), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_write(a + page_size + 1, 1), test::killed_by(SIGSEGV), "");
   host_write(a + 2 * page_size, 3); // the page after the range stays writable
 
   // Exec is a guest-side right: RX is R in the host.
   ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, page_size, prot_rx));
-  EXPECT_EXIT(host_write(a, 1), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_write(a, 1), test::killed_by(SIGSEGV), "");
 
   ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, page_size, protection::none));
-  EXPECT_EXIT(host_read(a), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_read(a), test::killed_by(SIGSEGV), "");
 
   ASSERT_TRUE(mem().host_protect(guest_phys_addr{a}, 2 * page_size, prot_rw));
   host_write(a + page_size + 1, 9);
@@ -472,17 +474,17 @@ TEST_F(GuestMemoryRoom, MapFileShowsTheFileAndUnmapFileTakesItAway) {
   EXPECT_TRUE(mem().resident_bytes(at, 3 * page_size)) << "the room can be queried";
 
   // The mapping is read-only.
-  EXPECT_EXIT(host_write(at.value, 1), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_write(at.value, 1), test::killed_by(SIGSEGV), "");
   // The rest of the room stays inaccessible.
-  EXPECT_EXIT(host_read(room), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_read(room), test::killed_by(SIGSEGV), "");
 
   ASSERT_TRUE(mem().unmap_file(at, 3 * page_size));
   ASSERT_TRUE(mem().remove_region(at));
   auto none = mem().resident_bytes(at, 3 * page_size);
   ASSERT_TRUE(none);
   EXPECT_EQ(*none, 0u);
-  EXPECT_EXIT(host_read(at.value), ::testing::KilledBySignal(SIGSEGV), "");
-  EXPECT_EXIT(host_read(at.value + 2 * page_size), ::testing::KilledBySignal(SIGSEGV), "");
+  EXPECT_EXIT(host_read(at.value), test::killed_by(SIGSEGV), "");
+  EXPECT_EXIT(host_read(at.value + 2 * page_size), test::killed_by(SIGSEGV), "");
 }
 
 TEST_F(GuestMemoryRoom, MapFileReportsTheMmapErrno) {

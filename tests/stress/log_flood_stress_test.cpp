@@ -69,8 +69,11 @@ TEST_F(log_flood_stress, a_minute_of_maximal_records) {
   EXPECT_EQ(dropped, written - accepted);
   for (std::size_t i = 1; i < dropped_each_second.size(); ++i)
     EXPECT_GT(dropped_each_second[i], dropped_each_second[i - 1]) << "second " << i;
-  // The host holds no backlog: RSS flat (8 MiB of slack for the allocator and the test).
-  EXPECT_LE(rss_max, rss_start + (8l << 10));
+  // The host holds no backlog: RSS flat (8 MiB of slack for the allocator and the test). Not
+  // under a sanitizer, whose allocator keeps freed memory (ASan's quarantine: 215 to 542 MiB).
+  if (!under_sanitizer) {
+    EXPECT_LE(rss_max, rss_start + (8l << 10));
+  }
   // And the sandbox is as good as before.
   EXPECT_FALSE((*sb)->poisoned());
   in_this_call = 0;

@@ -206,19 +206,7 @@ inline latency_summary summarize(std::vector<clock_type::duration> v) {
   return s;
 }
 
-/// True in a sanitizer build: its allocator makes and drops mappings of its own and replaces
-/// malloc (mallinfo2 reads zero), so the process counters are compared more loosely.
-#if defined(__SANITIZE_ADDRESS__) || defined(__SANITIZE_THREAD__)
-inline constexpr bool under_sanitizer = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer) || __has_feature(thread_sanitizer)
-inline constexpr bool under_sanitizer = true;
-#else
-inline constexpr bool under_sanitizer = false;
-#endif
-#else
-inline constexpr bool under_sanitizer = false;
-#endif
+// under_sanitizer: see test_env.hpp.
 
 /// What the process holds right now. heap_kib: bytes malloc has handed out and not had back
 /// (mallinfo2), to tell live allocations from memory the allocator keeps after free().
