@@ -114,9 +114,9 @@ TEST_F(resource_limits_test, running_out_of_descriptors_is_a_typed_error_and_the
 // a creation needs more than that in all (guest memory, guard pages, the emulator's buffers), so
 // one runs out part-way through its mappings.
 TEST_F(resource_limits_test, running_out_of_mappings_is_a_typed_error_and_the_rest_carry_on) {
-  if (under_asan)
-    GTEST_SKIP() << "AddressSanitizer maps its shadow memory as the process grows, and aborts "
-                    "when it cannot: there is no room to use the mappings up under it";
+  if (under_sanitizer)
+    GTEST_SKIP() << "a sanitizer maps its shadow memory as the process grows, and aborts when "
+                    "it cannot: there is no room to use the mappings up under it";
   const child_end end = run_in_child([this] {
     return fill_until_refused(std::errc::not_enough_memory, [] { return limit_mappings(64); });
   });

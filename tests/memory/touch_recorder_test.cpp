@@ -1,4 +1,6 @@
 // Tests for memory/touch_recorder.hpp: first touches recorded in order, with real faults.
+#include "../test_env.hpp"
+
 #include <kiln/memory/address.hpp>
 #include <kiln/memory/memory_errc.hpp>
 #include <kiln/memory/touch_recorder.hpp>
@@ -304,6 +306,7 @@ TEST(TouchRecorder, RecordsAPrivateFileMappingInOrder) {
 }
 
 TEST(TouchRecorder, ReadOnlyAndNonePagesKeepTheirProtection) {
+  if (test::under_tsan) GTEST_SKIP() << test::tsan_takes_sigsegv;
   // Pages: 0 R, 1 RW, 2 R, 3 NONE, 4 RW, 5 R|X, 6 NONE, 7 RW.
   const std::vector<int> prot = {PROT_READ, PROT_READ | PROT_WRITE, PROT_READ,
                                  PROT_NONE, PROT_READ | PROT_WRITE, PROT_READ | PROT_EXEC,
@@ -391,6 +394,7 @@ TEST(TouchRecorder, ConcurrentThreadsRecordEachPageOnce) {
 }
 
 TEST(TouchRecorder, GenuineFaultsGoToThePreviousHandler) {
+  if (test::under_tsan) GTEST_SKIP() << test::tsan_takes_sigsegv;
   mapping m(8);
   ASSERT_TRUE(m.p);
   std::vector<int> prot(8, PROT_READ | PROT_WRITE);
@@ -465,6 +469,7 @@ TEST_F(TouchRecorderDeathTest, TheDefaultActionIsChainedToo) {
 }
 
 TEST_F(TouchRecorderDeathTest, ASanHandlerIsChained) {
+  if (test::under_tsan) GTEST_SKIP() << test::tsan_takes_sigsegv;
   // Kiln's handler installed right over the one that was there before the test's (ASan's in a
   // sanitized build, which must still report the crash; the default action otherwise).
   GTEST_FLAG_SET(death_test_style, "threadsafe");
@@ -547,6 +552,7 @@ TEST(TouchRecorder, BadArgumentsAreRefused) {
 }
 
 TEST(TouchRecorder, SetProtectionWhileRecording) {
+  if (test::under_tsan) GTEST_SKIP() << test::tsan_takes_sigsegv;
   // 0 RW untouched -> R; 1 RW touched -> R; 2 NONE -> RW; 3 RW -> NONE; 4 R untouched -> RW.
   std::vector<int> prot = {
       PROT_READ | PROT_WRITE, PROT_READ | PROT_WRITE, PROT_NONE, PROT_READ | PROT_WRITE, PROT_READ,
