@@ -399,12 +399,6 @@ TEST_F(kick_protocol_test, case8_kick_during_an_io_completion_pass_is_not_lost) 
 }
 
 TEST_F(kick_protocol_test, random_kicks_stop_a_spinning_guest_every_time) {
-  // Not yet proven an artefact of the sanitizer (issue 13's notes): under ThreadSanitizer one
-  // random kick in 45 went unseen and the simulated KVM_RUN waited its 5 s ("hung"). TSan runs
-  // a signal's handler at a point of its own choosing, while this simulation counts on the
-  // kernel ending ppoll() with the signal the mask lets in.
-  if (test::under_tsan)
-    GTEST_SKIP() << "under ThreadSanitizer a kick went unseen once in 45: not yet explained";
   constexpr int iterations = 500;
   std::mt19937 rng(4242);
   std::uniform_int_distribution<int> delay_us(0, 300);
