@@ -15,25 +15,18 @@ namespace kiln::test {
 /// True in an AddressSanitizer build, and in any sanitizer build: a sanitizer's allocator makes
 /// and drops mappings of its own, keeps freed memory (ASan's quarantine) and replaces malloc
 /// (mallinfo2 reads zero), so process counters are compared more loosely or not at all there.
-#if defined(__SANITIZE_ADDRESS__)
-inline constexpr bool under_asan = true;
-#elif defined(__has_feature)
-#if __has_feature(address_sanitizer)
+#if defined(__has_feature) // clang; GCC says __SANITIZE_ADDRESS__ / __SANITIZE_THREAD__
+#define KILN_TEST_HAS_FEATURE(x) __has_feature(x)
+#else
+#define KILN_TEST_HAS_FEATURE(x) 0
+#endif
+#if defined(__SANITIZE_ADDRESS__) || KILN_TEST_HAS_FEATURE(address_sanitizer)
 inline constexpr bool under_asan = true;
 #else
 inline constexpr bool under_asan = false;
 #endif
-#else
-inline constexpr bool under_asan = false;
-#endif
-#if defined(__SANITIZE_THREAD__)
+#if defined(__SANITIZE_THREAD__) || KILN_TEST_HAS_FEATURE(thread_sanitizer)
 inline constexpr bool under_tsan = true;
-#elif defined(__has_feature)
-#if __has_feature(thread_sanitizer)
-inline constexpr bool under_tsan = true;
-#else
-inline constexpr bool under_tsan = false;
-#endif
 #else
 inline constexpr bool under_tsan = false;
 #endif

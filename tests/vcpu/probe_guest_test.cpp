@@ -1,6 +1,6 @@
 // The probe guest a backend must run before it is called usable, on one backend (built once per
 // backend; the kvm build skips where KVM is unusable, or fails under KILN_REQUIRE_KVM=1).
-#include "../test_env.hpp"
+#include "../e2e/backend_fixture.hpp"
 
 #include <kiln/vcpu/vcpu.hpp>
 #include <kiln/vcpu/vcpu_errc.hpp>
@@ -16,11 +16,6 @@ namespace kiln::test {
 namespace {
 
 namespace kv = kiln::vcpu;
-
-vcpu::backend_kind backend_under_test() {
-  return std::string_view(KILN_TEST_BACKEND) == "kvm" ? vcpu::backend_kind::kvm
-                                                      : vcpu::backend_kind::emulated;
-}
 
 /// A real vCPU of the backend under test that starts the guest on its stack page instead of its
 /// code: the first fetch faults (no execute right there), as a guest fails on a host whose
@@ -63,17 +58,8 @@ private:
   std::unique_ptr<kv::vcpu> inner_;
 };
 
-class probe_guest : public ::testing::Test {
-protected:
-  void SetUp() override {
-    const auto st = vcpu::probe(backend_under_test());
-    if (!st.usable && backend_under_test() == vcpu::backend_kind::kvm && kvm_required())
-      FAIL() << "KILN_REQUIRE_KVM=1, but the kvm backend is unusable: " << st.reason;
-    if (!st.usable)
-      GTEST_SKIP() << vcpu::to_string(backend_under_test())
-                   << " backend unusable here: " << st.reason;
-  }
-};
+// Skips where the backend is unusable (fails instead under KILN_REQUIRE_KVM=1).
+class probe_guest : public backend_test {};
 
 TEST_F(probe_guest, runs_to_its_port_write_on_a_usable_backend) {
   auto cpu = vcpu::create(backend_under_test());
