@@ -79,8 +79,13 @@ void runtime_impl::sandbox_freed() noexcept {
 // whose slice checks and deadlines must not wait.
 void runtime_impl::request_trim() {
   if (trim_pending || stopping.load()) return;
-  trim_pending = true;
   trim_since = clock_type::now();
+  wait_for_pause();
+}
+
+// 100 ms more of the same wait: check_trim() then sees whether anything was destroyed meanwhile.
+void runtime_impl::wait_for_pause() {
+  trim_pending = true;
   trim_seen = destroyed_total.load();
   trim_timer.expires_after(std::chrono::milliseconds(100));
   trim_timer.async_wait([weak = weak_from_this()](error_code ec) {
@@ -91,14 +96,9 @@ void runtime_impl::request_trim() {
 void runtime_impl::check_trim() {
   trim_pending = false;
   if (stopping.load()) return;
-  const std::uint64_t total = destroyed_total.load();
-  const bool paused = total == trim_seen;
-  if (trimming.load() || (!paused && clock_type::now() - trim_since < std::chrono::seconds(1))) {
-    const auto since = trim_since;
-    request_trim();
-    trim_since = since; // still the same wait
-    return;
-  }
+  const bool paused = destroyed_total.load() == trim_seen;
+  if (trimming.load() || (!paused && clock_type::now() - trim_since < std::chrono::seconds(1)))
+    return wait_for_pause();
   trim_owed = !paused;
   if (trimmer.joinable()) trimmer.join(); // finished: `trimming` is false
   destroyed_since_trim.store(0);

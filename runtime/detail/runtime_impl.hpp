@@ -122,8 +122,9 @@ struct runtime_impl : std::enable_shared_from_this<runtime_impl> {
   worker& pick_worker();
   /// A sandbox's memory was freed (any thread).
   void sandbox_freed() noexcept;
-  void request_trim(); // (S)
-  void check_trim();   // (S)
+  void request_trim();   // (S)
+  void wait_for_pause(); // (S)
+  void check_trim();     // (S)
 };
 
 struct sandbox_core : std::enable_shared_from_this<sandbox_core> {
